@@ -1,0 +1,335 @@
+"""Data sets, transforms, samplers and the search split.
+
+- DIGITS: scikit-learn's 1,797 handwritten digits (8x8, shipped inside scikit-learn, no
+  download), a fixed stratified train/val split, upsampled to the input size, 3 channels.
+- IMNET: ImageNet as ``train/`` and ``val/`` class folders under the data path.
+- IMAGEFOLDER: any ``train/`` + ``val/`` class-folder tree.
+- CIFAR10 / CIFAR100 (``--data-set CIFAR`` means CIFAR-100, as in DeiT): torchvision's
+  files under the data path; downloaded only with ``--download``.
+
+Unreadable or truncated images in folder data sets are skipped with a warning (each file
+once) and replaced by the next readable image, so one bad file does not end a long run.
+"""
+import logging
+import math
+import os
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset, Sampler
+
+from utils import UserError, get_rank, get_world_size
+
+logger = logging.getLogger("vitcompress")
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+DIGITS_MEAN = (0.5, 0.5, 0.5)
+DIGITS_STD = (0.5, 0.5, 0.5)
+DATA_SETS = ("DIGITS", "IMNET", "IMAGEFOLDER", "CIFAR", "CIFAR10", "CIFAR100", "INAT", "INAT19")
+
+
+class DataError(UserError):
+    pass
+
+
+# --------------------------------------------------------------------------- digits
+
+def digits_split(seed=0, val_fraction=0.2):
+    """Fixed stratified split of scikit-learn's digits: (x_train, y_train, x_val, y_val).
+
+    Images are float32 in [0, 1], shape [n, 8, 8].
+    """
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    data = load_digits()
+    x = (data.images / 16.0).astype(np.float32)
+    y = data.target.astype(np.int64)
+    x_tr, x_va, y_tr, y_va = train_test_split(x, y, test_size=val_fraction, random_state=seed, stratify=y)
+    return x_tr, y_tr, x_va, y_va
+
+
+class DigitsDataset(Dataset):
+    """Digits as [3, S, S] normalised tensors; light affine augmentation in training (no flips)."""
+
+    def __init__(self, images, labels, input_size=32, train=False, reprob=0.0, mean=DIGITS_MEAN, std=DIGITS_STD):
+        imgs = torch.from_numpy(images).unsqueeze(1)  # [n, 1, 8, 8]
+        imgs = F.interpolate(imgs, size=(input_size, input_size), mode="bilinear", align_corners=False)
+        imgs = imgs.clamp(0, 1).expand(-1, 3, -1, -1)
+        mean_t = torch.tensor(mean).view(1, 3, 1, 1)
+        std_t = torch.tensor(std).view(1, 3, 1, 1)
+        self.images = ((imgs - mean_t) / std_t).contiguous()
+        self.targets = [int(t) for t in labels]
+        self.labels = torch.from_numpy(np.asarray(labels, dtype=np.int64))
+        self.train = train
+        self.input_size = input_size
+        self.classes = [str(i) for i in range(10)]
+        self.background = float((0 - mean[0]) / std[0])
+        self.eraser = None
+        if train and reprob > 0:
+            from timm.data.random_erasing import RandomErasing
+            self.eraser = RandomErasing(probability=reprob, mode="pixel", device="cpu")
+
+    def __len__(self):
+        return len(self.targets)
+
+    def augment_batch(self, imgs):
+        """Small random rotation, scale and shift per image (a handwriting jitter), in one
+        batched resampling call; then random erasing when asked."""
+        n = imgs.shape[0]
+        angle = torch.empty(n).uniform_(-12, 12) * (math.pi / 180)
+        scale = torch.empty(n).uniform_(0.9, 1.1)
+        shift = torch.empty(n, 2).uniform_(-0.1, 0.1)
+        theta = torch.zeros(n, 2, 3)
+        theta[:, 0, 0] = torch.cos(angle) / scale
+        theta[:, 0, 1] = -torch.sin(angle) / scale
+        theta[:, 1, 0] = torch.sin(angle) / scale
+        theta[:, 1, 1] = torch.cos(angle) / scale
+        theta[:, :, 2] = shift
+        grid = F.affine_grid(theta, list(imgs.shape), align_corners=False)
+        out = F.grid_sample(imgs - self.background, grid, align_corners=False, padding_mode="zeros")
+        out = out + self.background
+        if self.eraser is not None:
+            out = torch.stack([self.eraser(img) for img in out])
+        return out
+
+    def collate(self, batch):
+        imgs = torch.stack([b[0] for b in batch])
+        labels = torch.tensor([b[1] for b in batch], dtype=torch.int64)
+        if self.train:
+            imgs = self.augment_batch(imgs)
+        return imgs, labels
+
+    def __getitem__(self, index):
+        # augmentation happens per batch in ``collate`` (one resampling call per batch)
+        return self.images[index], int(self.targets[index])
+
+
+# --------------------------------------------------------------------------- folders
+
+def _class_folders(root):
+    return sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+
+
+def check_folder_layout(root, data_set="IMAGEFOLDER"):
+    """Raise DataError unless ``root`` holds train/ and val/ with the same class folders."""
+    layout = f"expected {root}/train/<class>/*.jpg and {root}/val/<class>/*.jpg"
+    if not root:
+        raise DataError(f"--data-path is required for --data-set {data_set} ({layout.replace('None', 'DIR')})")
+    if not os.path.isdir(root):
+        raise DataError(f"data path {root} does not exist ({layout})")
+    for split in ("train", "val"):
+        path = os.path.join(root, split)
+        if not os.path.isdir(path):
+            raise DataError(f"data path {root} has no {split}/ folder ({layout})")
+        if not _class_folders(path):
+            raise DataError(f"{path} has no class folders ({layout})")
+    train_cls, val_cls = _class_folders(os.path.join(root, "train")), _class_folders(os.path.join(root, "val"))
+    if train_cls != val_cls:
+        only_train = sorted(set(train_cls) - set(val_cls))[:3]
+        only_val = sorted(set(val_cls) - set(train_cls))[:3]
+        raise DataError(f"class folders differ between {root}/train and {root}/val "
+                        f"({len(train_cls)} vs {len(val_cls)}; only in train: {only_train}, only in val: {only_val})")
+
+
+class SafeImageFolder(Dataset):
+    """torchvision ImageFolder that skips unreadable images with a warning."""
+
+    def __init__(self, root, transform=None):
+        from torchvision.datasets import ImageFolder
+        try:
+            self.inner = ImageFolder(root, transform=transform)
+        except (FileNotFoundError, RuntimeError) as e:
+            raise DataError(f"{root}: {str(e).splitlines()[0]}") from e
+        if len(self.inner) == 0:
+            raise DataError(f"{root} holds no images")
+        self.classes = self.inner.classes
+        self.targets = self.inner.targets
+        self._warned = set()
+
+    def __len__(self):
+        return len(self.inner)
+
+    def __getitem__(self, index):
+        for attempt in range(len(self.inner)):
+            i = (index + attempt) % len(self.inner)
+            try:
+                return self.inner[i]
+            except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for broken files
+                path = self.inner.samples[i][0]
+                if path not in self._warned:
+                    self._warned.add(path)
+                    logger.warning(f"skipping unreadable image {path}: {e}")
+        raise DataError(f"no readable image in {self.inner.root}")
+
+
+def build_transform(is_train, args, mean, std):
+    """DeiT's image transforms through timm (RandAugment, random erasing, resize/crop)."""
+    from timm.data import create_transform
+    from torchvision import transforms
+
+    if is_train:
+        return create_transform(
+            input_size=args.input_size, is_training=True, color_jitter=args.color_jitter,
+            auto_augment=args.aa if args.aa not in (None, "", "none") else None,
+            interpolation=args.train_interpolation, re_prob=args.reprob, re_mode=args.remode,
+            re_count=args.recount, mean=mean, std=std)
+    size = int(args.input_size / args.eval_crop_ratio)
+    return transforms.Compose([
+        transforms.Resize(size, interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.CenterCrop(args.input_size),
+        transforms.ToTensor(),
+        transforms.Normalize(mean, std),
+    ])
+
+
+def data_stats(data_set):
+    """(mean, std) used to normalise a data set."""
+    return (DIGITS_MEAN, DIGITS_STD) if data_set == "DIGITS" else (IMAGENET_MEAN, IMAGENET_STD)
+
+
+def build_dataset(is_train, args, train_transform=None):
+    """Return (dataset, num_classes). ``train_transform=False`` gives the training images
+    with evaluation transforms (for the search split and the criterion)."""
+    name = args.data_set.upper()
+    mean, std = data_stats(name)
+    if name == "DIGITS":
+        x_tr, y_tr, x_va, y_va = digits_split()
+        if is_train:
+            augment = train_transform is not False
+            return DigitsDataset(x_tr, y_tr, args.input_size, train=augment,
+                                 reprob=args.reprob if augment else 0.0), 10
+        return DigitsDataset(x_va, y_va, args.input_size, train=False), 10
+
+    augment = is_train and train_transform is not False
+    transform = build_transform(augment, args, mean, std)
+    if name in ("CIFAR", "CIFAR10", "CIFAR100"):
+        from torchvision.datasets import CIFAR10, CIFAR100
+        cls, ncls = (CIFAR10, 10) if name == "CIFAR10" else (CIFAR100, 100)
+        root = args.data_path or "./data"
+        try:
+            ds = cls(root, train=is_train, transform=transform, download=bool(getattr(args, "download", False)))
+        except RuntimeError as e:
+            raise DataError(f"{cls.__name__} files not found under {root} ({str(e).splitlines()[0]}); "
+                            f"pass --download to fetch them") from e
+        return ds, ncls
+    if name in ("IMNET", "IMAGEFOLDER"):
+        check_folder_layout(args.data_path, name)
+        root = os.path.join(args.data_path, "train" if is_train else "val")
+        ds = SafeImageFolder(root, transform=transform)
+        return ds, len(ds.classes)
+    raise DataError(f"unknown --data-set {args.data_set}; choose one of {', '.join(DATA_SETS[:5])}")
+
+
+# --------------------------------------------------------------------------- samplers
+
+class RASampler(Sampler):
+    """Repeated-augmentation sampler (DeiT): each image appears ``repeats`` times per epoch,
+    spread over ranks, and each rank draws ``len(dataset) / world`` samples per epoch."""
+
+    def __init__(self, dataset, num_replicas=None, rank=None, shuffle=True, repeats=3, seed=0):
+        self.dataset = dataset
+        self.num_replicas = num_replicas if num_replicas is not None else get_world_size()
+        self.rank = rank if rank is not None else get_rank()
+        self.shuffle = shuffle
+        self.repeats = repeats
+        self.seed = seed
+        self.epoch = 0
+        self.num_samples = int(math.ceil(len(dataset) * repeats / self.num_replicas))
+        self.total_size = self.num_samples * self.num_replicas
+        self.num_selected = int(math.floor(len(dataset) // 256 * 256 / self.num_replicas)) or \
+            int(math.ceil(len(dataset) / self.num_replicas))
+
+    def __iter__(self):
+        g = torch.Generator()
+        g.manual_seed(self.seed + self.epoch)
+        n = len(self.dataset)
+        order = torch.randperm(n, generator=g).tolist() if self.shuffle else list(range(n))
+        indices = [i for i in order for _ in range(self.repeats)]
+        indices += indices[: self.total_size - len(indices)]
+        mine = indices[self.rank:self.total_size:self.num_replicas]
+        return iter(mine[: self.num_selected])
+
+    def __len__(self):
+        return self.num_selected
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+
+class ShardSampler(Sampler):
+    """Deterministic shard ``rank::world`` without padding, so a distributed evaluation
+    counts every image exactly once and its reduced top-1 equals a single-process run."""
+
+    def __init__(self, length, num_replicas=None, rank=None):
+        self.length = length
+        self.num_replicas = num_replicas if num_replicas is not None else get_world_size()
+        self.rank = rank if rank is not None else get_rank()
+
+    def __iter__(self):
+        return iter(range(self.rank, self.length, self.num_replicas))
+
+    def __len__(self):
+        return len(range(self.rank, self.length, self.num_replicas))
+
+
+def train_sampler(dataset, args, distributed):
+    if distributed and args.repeated_aug:
+        return RASampler(dataset, shuffle=True, repeats=args.ra_reps, seed=args.seed)
+    if distributed:
+        return torch.utils.data.DistributedSampler(dataset, shuffle=True, seed=args.seed)
+    if args.repeated_aug:
+        return RASampler(dataset, num_replicas=1, rank=0, shuffle=True, repeats=args.ra_reps, seed=args.seed)
+    return _EpochRandomSampler(dataset, args.seed)
+
+
+class _EpochRandomSampler(Sampler):
+    """Shuffles with a generator seeded by (seed, epoch): a resumed epoch sees the same order."""
+
+    def __init__(self, dataset, seed):
+        self.n = len(dataset)
+        self.seed = seed
+        self.epoch = 0
+
+    def __iter__(self):
+        g = torch.Generator()
+        g.manual_seed(self.seed * 1000003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+    def __len__(self):
+        return self.n
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+
+def eval_sampler(dataset, distributed, dist_eval):
+    if distributed and dist_eval:
+        return ShardSampler(len(dataset))
+    return torch.utils.data.SequentialSampler(dataset)
+
+
+def make_loader(dataset, sampler, batch_size, args, drop_last=False):
+    return torch.utils.data.DataLoader(
+        dataset, sampler=sampler, batch_size=batch_size, num_workers=args.num_workers,
+        pin_memory=args.pin_mem, drop_last=drop_last, persistent_workers=False,
+        collate_fn=getattr(dataset, "collate", None))
+
+
+# --------------------------------------------------------------------------- search split
+
+def stratified_holdout(targets, size, seed=0):
+    """Indices of a stratified hold-out: ``size`` images (int) or a fraction (float < 1)."""
+    targets = np.asarray(targets)
+    n = len(targets)
+    count = int(round(size * n)) if isinstance(size, float) and size < 1 else int(size)
+    if count <= 0 or count >= n:
+        raise DataError(f"--search-holdout {size} must select between 1 and {n - 1} of the {n} training images")
+    from sklearn.model_selection import train_test_split
+    idx = np.arange(n)
+    classes, counts = np.unique(targets, return_counts=True)
+    stratify = targets if (counts.min() >= 2 and count >= len(classes) and n - count >= len(classes)) else None
+    _, held = train_test_split(idx, test_size=count, random_state=seed, stratify=stratify)
+    return np.sort(held).tolist()

@@ -1,0 +1,53 @@
+"""Shared test helpers: tiny image folders, running main.py in-process or as a subprocess."""
+import contextlib
+import io
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# flags that make a training run take seconds on 2 cores
+FAST = ["--model", "vit_pico_patch8_32", "--batch-size", "32", "--num_workers", "0", "--log-every", "1000"]
+
+
+def make_image_folder(root, classes=("a", "b", "c"), per_class=(8, 4), size=40, seed=0):
+    """train/ and val/ class folders of small random PNGs, each class with its own colour."""
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    for split, n in zip(("train", "val"), per_class):
+        for ci, c in enumerate(classes):
+            folder = os.path.join(root, split, c)
+            os.makedirs(folder, exist_ok=True)
+            for i in range(n):
+                base = np.zeros((size, size, 3), dtype=np.float64)
+                base[..., ci % 3] = 180
+                img = np.clip(base + rng.normal(0, 30, base.shape), 0, 255).astype(np.uint8)
+                Image.fromarray(img).save(os.path.join(folder, f"{i}.png"))
+    return root
+
+
+def run_cli(argv):
+    """Run main.cli in-process; returns (exit code, stdout, stderr)."""
+    import main
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main.cli([str(a) for a in argv])
+    return code, out.getvalue(), err.getvalue()
+
+
+def run_subprocess(cmd, timeout=300, env_extra=None):
+    env = dict(os.environ)
+    env.update({"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"})
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS"):
+        env.pop(k, None)
+    if env_extra:
+        env.update(env_extra)
+    return subprocess.run([str(c) for c in cmd], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def python():
+    return sys.executable

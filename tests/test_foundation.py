@@ -1,0 +1,260 @@
+"""Foundation: data sets, models, training loop, checkpoints, resume, bad inputs."""
+import json
+import os
+import types
+
+import numpy as np
+import pytest
+import torch
+
+import datasets
+import engine
+import main
+import models
+import utils
+from helpers import FAST, make_image_folder, run_cli
+
+
+def test_digits_split_is_fixed_and_stratified():
+    x_tr, y_tr, x_va, y_va = datasets.digits_split()
+    assert len(x_tr) + len(x_va) == 1797
+    assert x_tr.shape[1:] == (8, 8) and 0 <= x_tr.min() and x_tr.max() <= 1
+    again = datasets.digits_split()
+    assert np.array_equal(again[3], y_va)
+    counts = np.bincount(y_va, minlength=10)
+    assert counts.min() >= 34 and counts.max() <= 38  # ~20% of each class
+
+
+def test_digits_dataset_shapes_and_augmentation():
+    args = types.SimpleNamespace(data_set="DIGITS", input_size=32, reprob=0.0)
+    train, ncls = datasets.build_dataset(True, args)
+    val, _ = datasets.build_dataset(False, args)
+    assert ncls == 10 and len(train) == 1437 and len(val) == 360
+    img, label = val[0]
+    assert img.shape == (3, 32, 32) and isinstance(label, int)
+    batch = [train[i] for i in range(8)]
+    torch.manual_seed(1)
+    xa, ya = train.collate(batch)
+    torch.manual_seed(1)
+    xb, _ = train.collate(batch)
+    plain = torch.stack([b[0] for b in batch])
+    assert torch.equal(xa, xb)  # seeded: a resumed epoch replays the same augmentation
+    assert not torch.allclose(xa, plain)  # augmentation changes the images
+    xv, _ = val.collate(batch)
+    assert torch.equal(xv, plain)  # no augmentation at evaluation
+
+
+def test_stratified_holdout():
+    targets = np.repeat(np.arange(5), 20)
+    held = datasets.stratified_holdout(targets, 0.2, seed=0)
+    assert len(held) == 20 and np.bincount(targets[held]).tolist() == [4] * 5
+    assert held == datasets.stratified_holdout(targets, 20, seed=0)
+    with pytest.raises(datasets.DataError, match="must select between"):
+        datasets.stratified_holdout(targets, 100)
+
+
+def test_shard_sampler_covers_every_index_once():
+    parts = [list(datasets.ShardSampler(11, num_replicas=3, rank=r)) for r in range(3)]
+    assert sorted(sum(parts, [])) == list(range(11))
+
+
+def test_ra_sampler_repeats_and_splits():
+    ds = list(range(12))
+    s0 = datasets.RASampler(ds, num_replicas=2, rank=0, repeats=3)
+    s1 = datasets.RASampler(ds, num_replicas=2, rank=1, repeats=3)
+    assert len(list(s0)) == len(s0) and len(s0) == 6
+    assert set(s0) | set(s1) <= set(ds)
+
+
+def test_presets_and_unknown_model():
+    m = models.build_model("vit_nano_patch4_32", num_classes=10)
+    assert len(m.blocks) == 12 and m.patch_embed.num_patches == 64
+    d = models.build_model("deit_nano_distilled_patch4_32", num_classes=10)
+    assert d.num_prefix_tokens == 2
+    with pytest.raises(models.ModelError, match="did you mean deit_small_patch16_224"):
+        models.build_model("deit_smal_patch16_224")
+    with pytest.raises(models.ModelError, match="not a timm VisionTransformer"):
+        models.build_model("resnet18")
+
+
+def test_pretrained_without_network_is_one_line_error(monkeypatch):
+    import timm
+
+    def offline(*a, **k):
+        raise OSError("Network is unreachable")
+    monkeypatch.setattr(timm, "create_model", offline)
+    with pytest.raises(models.ModelError, match="could not load pretrained weights.*--finetune"):
+        models.build_model("deit_tiny_patch16_224", pretrained=True)
+
+
+def test_finetune_drops_head_and_interpolates_pos_embed(tmp_path):
+    src = models.build_model("vit_pico_patch8_32", num_classes=7, img_size=32)
+    path = tmp_path / "weights.pth"
+    torch.save(src.state_dict(), path)  # a plain state dict, as timm / DeiT release them
+    dst = models.build_model("vit_pico_patch8_32", num_classes=3, img_size=48)
+    models.load_finetune(dst, str(path))
+    assert torch.equal(dst.blocks[0].attn.qkv.weight, src.blocks[0].attn.qkv.weight)
+    assert dst.pos_embed.shape[1] == 1 + 36
+    other = models.build_model("vit_nano_patch4_32", num_classes=3)
+    with pytest.raises(utils.CheckpointError, match="another architecture"):
+        models.load_finetune(other, str(path))
+
+
+def test_checkpoint_errors(tmp_path):
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"this is not a checkpoint")
+    with pytest.raises(utils.CheckpointError, match="corrupt or not a PyTorch checkpoint"):
+        utils.load_checkpoint_file(str(bad))
+    with pytest.raises(utils.CheckpointError, match="not found"):
+        utils.load_checkpoint_file(str(tmp_path / "missing.pth"))
+    pickled = tmp_path / "pickled.pth"
+    torch.save({"model": types.SimpleNamespace(a=1)}, pickled)
+    with pytest.raises(utils.CheckpointError, match="corrupt or not a PyTorch checkpoint of plain data"):
+        utils.load_checkpoint_file(str(pickled))
+    truncated = tmp_path / "trunc.pth"
+    torch.save({"model": models.build_model("vit_pico_patch8_32").state_dict()}, truncated)
+    truncated.write_bytes(truncated.read_bytes()[:5000])
+    with pytest.raises(utils.CheckpointError, match="corrupt"):
+        utils.load_checkpoint_file(str(truncated))
+
+
+def test_save_atomic_keeps_old_file_on_failure(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.pth"
+    utils.save_atomic({"epoch": 1}, str(path))
+
+    def boom(obj, f):
+        raise RuntimeError("disk full")
+    monkeypatch.setattr(torch, "save", boom)
+    with pytest.raises(RuntimeError):
+        utils.save_atomic({"epoch": 2}, str(path))
+    assert torch.load(path, weights_only=True)["epoch"] == 1
+
+
+def test_nonfinite_loss_stops_before_the_step():
+    model = models.build_model("vit_pico_patch8_32", num_classes=10)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loader = [(torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,)))]
+
+    def nan_loss(inputs, outputs, targets):
+        return outputs.sum() * float("nan")
+    with pytest.raises(engine.NonFiniteLoss, match="loss is nan"):
+        engine.train_one_epoch(model, nan_loss, loader, opt, torch.device("cpu"), 0)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
+
+
+def test_evaluate_counts_exactly():
+    class Fixed(torch.nn.Module):
+        def forward(self, x):
+            return x[:, :, 0, 0]  # logits are the first pixel of each channel
+    x = torch.zeros(6, 3, 2, 2)
+    x[[0, 1, 2], 0, 0, 0] = 1  # predicts 0
+    x[[3, 4, 5], 1, 0, 0] = 1  # predicts 1
+    y = torch.tensor([0, 0, 1, 1, 1, 2])
+    stats = engine.evaluate([(x, y)], Fixed(), torch.device("cpu"))
+    assert stats["acc1"] == pytest.approx(100 * 4 / 6) and stats["n"] == 6
+
+
+def test_distillation_loss_soft_and_hard():
+    teacher = torch.nn.Linear(4, 3)
+    x = torch.randn(5, 4)
+    y = torch.randint(0, 3, (5,))
+    base = torch.nn.CrossEntropyLoss()
+    student = teacher(x).detach()
+    soft = engine.DistillationLoss(base, teacher, "soft", alpha=1.0)
+    assert soft(x, student, y).item() == pytest.approx(0.0, abs=1e-6)  # KL(p || p) = 0
+    hard = engine.DistillationLoss(base, teacher, "hard", alpha=1.0)
+    expected = torch.nn.functional.cross_entropy(student, teacher(x).argmax(1))
+    assert hard(x, student, y).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def test_help_lists_seed_flags():
+    text = main.get_args_parser().format_help()
+    for flag in ("--data-path", "--output_dir", "--dist-eval", "--resume", "--eval", "--finetune", "--model"):
+        assert flag in text
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--data-path", "/no/such/folder"], "data path /no/such/folder does not exist (expected"),
+    (["--model", "deit_smal_patch16_224"], "unknown model 'deit_smal_patch16_224'; did you mean"),
+    (["--eval", "--resume", "/no/such.pth"], "checkpoint not found: /no/such.pth"),
+    (["--batch-size", "0"], "--batch-size must be positive"),
+])
+def test_bad_input_one_line_errors(argv, message):
+    code, _, err = run_cli(argv + ["--epochs", "1"])
+    assert code == 2
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_empty_and_mismatched_folders(tmp_path):
+    (tmp_path / "empty" / "train").mkdir(parents=True)
+    (tmp_path / "empty" / "val").mkdir(parents=True)
+    code, _, err = run_cli(["--data-path", tmp_path / "empty", "--epochs", "1"])
+    assert code == 2 and "has no class folders" in err
+    root = make_image_folder(str(tmp_path / "mm"), classes=("a", "b"))
+    os.rename(os.path.join(root, "val", "b"), os.path.join(root, "val", "z"))
+    code, _, err = run_cli(["--data-path", root, "--epochs", "1"])
+    assert code == 2 and "class folders differ" in err and "only in val: ['z']" in err
+
+
+def test_corrupt_and_foreign_checkpoints_via_cli(tmp_path):
+    bad = tmp_path / "bad.pth"
+    bad.write_text("garbage")
+    code, _, err = run_cli(["--eval", "--resume", bad] + FAST)
+    assert code == 2 and "corrupt or not a PyTorch checkpoint" in err
+    other = tmp_path / "other.pth"
+    torch.save({"model": models.build_model("vit_nano_patch4_32", num_classes=10).state_dict()}, other)
+    code, _, err = run_cli(["--eval", "--resume", other] + FAST)
+    assert code == 2 and "does not match this architecture" in err
+
+
+def test_unreadable_images_are_skipped(tmp_path, caplog):
+    root = make_image_folder(str(tmp_path / "imgs"), classes=("a", "b"), per_class=(3, 2))
+    broken = os.path.join(root, "train", "a", "0.png")
+    with open(broken, "wb") as f:
+        f.write(b"\x89PNG truncated")
+    args = main.resolve_defaults(main.get_args_parser().parse_args(["--data-path", root, "--input-size", "32"]))
+    ds, ncls = datasets.build_dataset(True, args)
+    assert ncls == 2
+    import logging
+    log = logging.getLogger("vitcompress")
+    log.addHandler(caplog.handler)
+    try:
+        img, label = ds[0]
+    finally:
+        log.removeHandler(caplog.handler)
+    assert img.shape == (3, 32, 32)
+    assert any("skipping unreadable image" in r.message and "0.png" in r.message for r in caplog.records)
+
+
+def test_train_eval_and_artifacts(tmp_path):
+    out = tmp_path / "run"
+    code, _, err = run_cli(FAST + ["--epochs", "2", "--max-steps", "3", "--output_dir", out])
+    assert code == 0, err
+    assert json.loads((out / "args.json").read_text())["model"] == "vit_pico_patch8_32"
+    lines = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in lines] == [0, 1] and "test_acc1" in lines[0]
+    ckpt = torch.load(out / "checkpoint.pth", weights_only=True)
+    assert ckpt["epoch"] == 1 and ckpt["arch"]["model"] == "vit_pico_patch8_32"
+    assert (out / "best.pth").exists()
+    code, stdout, err = run_cli(FAST + ["--eval", "--resume", out / "checkpoint.pth"])
+    assert code == 0, err
+    assert json.loads(stdout.strip().splitlines()[-1])["acc1"] == pytest.approx(lines[-1]["test_acc1"])
+
+
+def test_imagefolder_training(tmp_path):
+    root = make_image_folder(str(tmp_path / "imgs"))
+    code, _, err = run_cli(FAST + ["--data-set", "IMAGEFOLDER", "--data-path", root, "--input-size", "32",
+                                   "--batch-size", "4", "--epochs", "1", "--output_dir", tmp_path / "o"])
+    assert code == 0, err
+    ckpt = torch.load(tmp_path / "o" / "checkpoint.pth", weights_only=True)
+    assert ckpt["arch"]["num_classes"] == 3
+
+
+def test_cifar_without_files_asks_for_download(tmp_path):
+    code, _, err = run_cli(FAST + ["--data-set", "CIFAR10", "--data-path", tmp_path, "--epochs", "1"])
+    assert code == 2 and "pass --download" in err

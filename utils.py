@@ -1,0 +1,336 @@
+"""Distributed set-up, rank-0 logging, progress with ETA, atomic checkpoints, seeding.
+
+Nothing here reads argparse: functions take plain values (or an object with the
+attributes they name) so that library code and tests can call them directly.
+"""
+import datetime
+import io
+import json
+import logging
+import math
+import os
+import random
+import re
+import socket
+import time
+from collections import defaultdict, deque
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger("vitcompress")
+
+
+class UserError(Exception):
+    """A bad input from the user: main() prints its message as one line and exits."""
+
+
+class CheckpointError(UserError):
+    """A checkpoint that is missing, corrupt, not ours, or for another architecture."""
+
+
+# --------------------------------------------------------------------------- distributed
+
+def _first_slurm_host(nodelist):
+    """First host name of a SLURM node list such as 'gpu[01-04,07],cpu3'."""
+    match = re.match(r"([^,\[]+)(\[([^\]]+)\])?", nodelist)
+    if not match:
+        return nodelist
+    prefix, ranges = match.group(1), match.group(3)
+    if not ranges:
+        return prefix
+    first = ranges.split(",")[0].split("-")[0]
+    return prefix + first
+
+
+def distributed_env(environ=None):
+    """Read rank / world size / local rank from the launcher's environment.
+
+    Understands torchrun and ``torch.distributed.launch --use_env`` (RANK, WORLD_SIZE,
+    LOCAL_RANK) and SLURM's srun (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID). Returns
+    None for a plain single-process run.
+    """
+    env = os.environ if environ is None else environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return {
+            "rank": int(env["RANK"]),
+            "world_size": int(env["WORLD_SIZE"]),
+            "local_rank": int(env.get("LOCAL_RANK", 0)),
+            "source": "torchrun",
+        }
+    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        return {
+            "rank": int(env["SLURM_PROCID"]),
+            "world_size": int(env["SLURM_NTASKS"]),
+            "local_rank": int(env.get("SLURM_LOCALID", 0)),
+            "source": "slurm",
+        }
+    return None
+
+
+def init_distributed(device_name, dist_url="env://", local_rank_arg=None, timeout_min=30):
+    """Initialise torch.distributed when launched by torchrun / launch / srun.
+
+    Returns a dict {distributed, rank, world_size, local_rank, device}. NCCL on CUDA,
+    gloo on CPU. ``local_rank_arg`` is the ``--local-rank`` a legacy launcher may pass.
+    """
+    info = distributed_env()
+    want_cuda = device_name.startswith("cuda")
+    if info is None:
+        device = torch.device(device_name)
+        return {"distributed": False, "rank": 0, "world_size": 1, "local_rank": 0, "device": device}
+
+    local_rank = info["local_rank"]
+    if local_rank_arg is not None and local_rank_arg >= 0 and info["source"] != "slurm":
+        local_rank = local_rank_arg
+    if info["source"] == "slurm":
+        os.environ.setdefault("MASTER_ADDR", _first_slurm_host(os.environ.get("SLURM_JOB_NODELIST", "127.0.0.1")))
+        os.environ.setdefault("MASTER_PORT", str(29500 + int(os.environ.get("SLURM_JOB_ID", "0")) % 1000))
+        os.environ["RANK"] = str(info["rank"])
+        os.environ["WORLD_SIZE"] = str(info["world_size"])
+        os.environ["LOCAL_RANK"] = str(local_rank)
+
+    if want_cuda:
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+        backend = "nccl"
+    else:
+        device = torch.device(device_name)
+        backend = "gloo"
+    dist.init_process_group(backend=backend, init_method=dist_url, world_size=info["world_size"],
+                            rank=info["rank"], timeout=datetime.timedelta(minutes=timeout_min))
+    dist.barrier()
+    return {"distributed": True, "rank": info["rank"], "world_size": info["world_size"],
+            "local_rank": local_rank, "device": device}
+
+
+def is_dist():
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank():
+    return dist.get_rank() if is_dist() else 0
+
+
+def get_world_size():
+    return dist.get_world_size() if is_dist() else 1
+
+
+def is_main_process():
+    return get_rank() == 0
+
+
+def barrier():
+    if is_dist():
+        dist.barrier()
+
+
+def all_reduce_sum(tensor):
+    """Sum a tensor over ranks in place (no-op on one process); returns it."""
+    if is_dist():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def broadcast_object(obj, src=0):
+    """Send a picklable object from ``src`` to every rank (identity on one process)."""
+    if not is_dist():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def cleanup_distributed():
+    if is_dist():
+        dist.destroy_process_group()
+
+
+def free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --------------------------------------------------------------------------- seeding
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed % (2 ** 32))
+    torch.manual_seed(seed)
+
+
+# --------------------------------------------------------------------------- logging
+
+class _RankFilter(logging.Filter):
+    def filter(self, record):
+        return is_main_process()
+
+
+def setup_logging(output_dir=None, level=logging.INFO):
+    """Rank-0 logging to stderr and, when given, ``output_dir/log.txt``."""
+    logger.handlers.clear()
+    logger.setLevel(level)
+    logger.propagate = False
+    fmt = logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    handlers = [logging.StreamHandler()]
+    if output_dir and is_main_process():
+        os.makedirs(output_dir, exist_ok=True)
+        handlers.append(logging.FileHandler(os.path.join(output_dir, "log.txt")))
+    for h in handlers:
+        h.setFormatter(fmt)
+        h.addFilter(_RankFilter())
+        logger.addHandler(h)
+    return logger
+
+
+def append_jsonl(path, record):
+    """Append one JSON line (rank 0 only)."""
+    if not is_main_process():
+        return
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+
+
+def read_jsonl(path):
+    """Records of a JSON-lines file; a torn last line (killed mid-write) is dropped."""
+    records = []
+    if not os.path.exists(path):
+        return records
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+    return records
+
+
+def write_json_atomic(path, obj):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def format_seconds(seconds):
+    seconds = int(max(0, seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
+
+
+class SmoothedValue:
+    """Running window and global average of a scalar."""
+
+    def __init__(self, window=20):
+        self.values = deque(maxlen=window)
+        self.total = 0.0
+        self.count = 0
+
+    def update(self, value, n=1):
+        self.values.append(value)
+        self.total += value * n
+        self.count += n
+
+    @property
+    def median(self):
+        return float(np.median(self.values)) if self.values else float("nan")
+
+    @property
+    def global_avg(self):
+        return self.total / max(self.count, 1)
+
+
+class Progress:
+    """Log every ``every`` steps with the running means and an ETA for the loop."""
+
+    def __init__(self, total, header, every=10):
+        self.total = total
+        self.header = header
+        self.every = max(1, every)
+        self.meters = defaultdict(SmoothedValue)
+        self.start = time.time()
+
+    def update(self, step, **values):
+        for k, v in values.items():
+            self.meters[k].update(float(v))
+        done = step + 1
+        if done % self.every == 0 or done == self.total:
+            elapsed = time.time() - self.start
+            eta = elapsed / done * (self.total - done)
+            parts = " ".join(f"{k} {m.median:.4g}" for k, m in self.meters.items())
+            logger.info(f"{self.header} [{done}/{self.total}] {parts} eta {format_seconds(eta)}")
+
+    def averages(self):
+        return {k: m.global_avg for k, m in self.meters.items()}
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+def save_atomic(obj, path):
+    """torch.save to a temp file in the same folder, then rename over ``path`` (rank 0 only).
+
+    A run killed while writing leaves the previous file intact.
+    """
+    if not is_main_process():
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint_file(path):
+    """Load a checkpoint of primitives with ``weights_only=True``; one-line errors otherwise."""
+    if path.startswith("http://") or path.startswith("https://"):
+        try:
+            return torch.hub.load_state_dict_from_url(path, map_location="cpu", check_hash=False,
+                                                      weights_only=True)
+        except Exception as e:  # network and format errors alike: name them in one line
+            raise CheckpointError(f"could not fetch checkpoint {path}: {type(e).__name__}: {e}") from e
+    if not os.path.exists(path):
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if os.path.isdir(path):
+        raise CheckpointError(f"checkpoint path is a folder, not a file: {path}")
+    if path.endswith(".safetensors"):
+        try:
+            from safetensors.torch import load_file
+            return load_file(path)
+        except Exception as e:
+            raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from e
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path} is corrupt or not a PyTorch checkpoint of plain data ({first[:200]})") from e
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path} does not hold a state dict or checkpoint dict (found {type(obj).__name__})")
+    return obj
+
+
+def state_dict_of(obj):
+    """The model state dict inside a checkpoint dict (ours, DeiT's, timm's) or the dict itself."""
+    for key in ("model", "state_dict", "model_ema"):
+        if key in obj and isinstance(obj[key], dict):
+            return obj[key]
+    if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return obj
+    raise CheckpointError("checkpoint holds no model weights (no 'model' or 'state_dict' entry)")
+
+
+def tensor_bytes(obj):
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.tell()
+
+
+def is_finite(x):
+    return math.isfinite(float(x))
