@@ -1,0 +1,104 @@
+"""Multi-process runs on CPU (gloo): torchrun, torch.distributed.launch --use_env, kill + resume."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from helpers import FAST, ROOT, make_image_folder, run_subprocess
+
+PY = sys.executable
+
+
+def _last_json(stdout):
+    return json.loads([l for l in stdout.splitlines() if l.startswith("{")][-1])
+
+
+def _torchrun(nproc, args, timeout=300):
+    import utils
+    cmd = [PY, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
+           f"--master_port={utils.free_port()}", "main.py"] + list(args)
+    return run_subprocess(cmd, timeout=timeout)
+
+
+def test_torchrun_trains_and_dist_eval_matches_one_process(tmp_path):
+    out = tmp_path / "run"
+    res = _torchrun(2, FAST + ["--epochs", "1", "--max-steps", "3", "--output_dir", out, "--dist-eval"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    ckpt = out / "checkpoint.pth"
+    assert ckpt.exists()
+    one = run_subprocess([PY, "main.py"] + FAST + ["--eval", "--resume", ckpt])
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = _torchrun(2, FAST + ["--eval", "--resume", ckpt, "--dist-eval"])
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = _last_json(one.stdout), _last_json(two.stdout)
+    assert a["n"] == b["n"] == 360
+    assert a["acc1"] == pytest.approx(b["acc1"], abs=1e-9)
+    assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+
+
+def test_seed_pretrain_command_under_launch(tmp_path):
+    """The seed README's pretrain line, on a tiny ImageNet layout, a small model and one epoch."""
+    data = make_image_folder(str(tmp_path / "imagenet"), classes=("n01", "n02", "n03"), per_class=(8, 4))
+    import utils
+    cmd = [PY, "-m", "torch.distributed.launch", "--nproc_per_node=2", "--use_env",
+           f"--master_port={utils.free_port()}", "main.py",
+           "--model", "vit_pico_patch8_32", "--batch-size", "4", "--data-path", data,
+           "--output_dir", tmp_path / "logs", "--dist-eval", "--input-size", "32", "--epochs", "1"]
+    res = run_subprocess(cmd, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    log = [json.loads(l) for l in (tmp_path / "logs" / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 1 and log[0]["test_n"] == 12
+    ckpt = torch.load(tmp_path / "logs" / "checkpoint.pth", weights_only=True)
+    assert ckpt["args"]["data_set"] == "IMNET" and ckpt["model_ema"] is not None  # DeiT recipe: EMA on
+
+
+def test_slurm_environment_is_understood():
+    import utils
+    env = {"SLURM_PROCID": "3", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1"}
+    assert utils.distributed_env(env) == {"rank": 3, "world_size": 8, "local_rank": 1, "source": "slurm"}
+    assert utils.distributed_env({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"})["source"] == "torchrun"
+    assert utils.distributed_env({}) is None
+    assert utils._first_slurm_host("gpu[07-09,12],cpu1") == "gpu07"
+
+
+def test_kill_and_resume_auto_matches_uninterrupted_run(tmp_path):
+    args = FAST + ["--epochs", "4", "--max-steps", "12", "--model-ema", "--model-ema-decay", "0.9"]
+    full = run_subprocess([PY, "main.py"] + args + ["--output_dir", tmp_path / "full"])
+    assert full.returncode == 0, full.stderr[-3000:]
+
+    out = tmp_path / "killed"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([PY, "main.py"] + [str(a) for a in args] + ["--output_dir", str(out)], cwd=ROOT,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = out / "log.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if log.exists() and len(log.read_text().splitlines()) >= 1:
+            break
+        time.sleep(0.05)
+    killed_mid_run = proc.poll() is None
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert killed_mid_run, "the run ended before it could be killed"
+    done = len(log.read_text().splitlines())
+    assert done < 4
+    res = run_subprocess([PY, "main.py"] + args + ["--output_dir", out, "--resume", "auto"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"at epoch {done}" in res.stderr  # resumed after the last finished epoch
+
+    a = torch.load(tmp_path / "full" / "checkpoint.pth", weights_only=True)
+    b = torch.load(out / "checkpoint.pth", weights_only=True)
+    assert a["epoch"] == b["epoch"] == 3
+    for key in ("model", "model_ema"):
+        for name, value in a[key].items():
+            torch.testing.assert_close(b[key][name], value, rtol=1e-5, atol=1e-6)
+    assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
+    assert a["lr_scheduler"] == b["lr_scheduler"]
+    la = [json.loads(l)["test_acc1"] for l in (tmp_path / "full" / "log.jsonl").read_text().splitlines()]
+    lb = [json.loads(l)["test_acc1"] for l in log.read_text().splitlines()]
+    assert la == pytest.approx(lb)
