@@ -27,11 +27,13 @@ RECIPES = {
     "IMAGE": dict(model="deit_base_patch16_224", input_size=224, epochs=300, batch_size=64, lr=5e-4,
                   warmup_epochs=5, cooldown_epochs=10, min_lr=1e-5, weight_decay=0.05, drop_path=0.1,
                   aa="rand-m9-mstd0.5-inc1", smoothing=0.1, reprob=0.25, mixup=0.8, cutmix=1.0,
-                  repeated_aug=True, model_ema=True, num_workers=10, finetune_epochs=30, finetune_lr=5e-5),
+                  repeated_aug=True, model_ema=True, num_workers=10, finetune_epochs=30, finetune_lr=5e-5,
+                  search_epoch=100, search_population=100, criterion_batches=4),
     "DIGITS": dict(model="vit_nano_patch4_32", input_size=32, epochs=60, batch_size=64, lr=1e-2,
                    warmup_epochs=3, cooldown_epochs=0, min_lr=1e-5, weight_decay=0.05, drop_path=0.0,
                    aa="none", smoothing=0.1, reprob=0.0, mixup=0.0, cutmix=0.0,
-                   repeated_aug=False, model_ema=False, num_workers=0, finetune_epochs=15, finetune_lr=2e-3),
+                   repeated_aug=False, model_ema=False, num_workers=0, finetune_epochs=15, finetune_lr=2e-3,
+                   search_epoch=30, search_population=20, criterion_batches=4),
 }
 RECIPE_KEYS = tuple(RECIPES["IMAGE"])
 
@@ -135,6 +137,63 @@ def get_args_parser():
     g.add_argument("--no-amp", dest="amp", action="store_false")
     g.add_argument("--log-every", type=int, default=20, help="log every N steps")
     g.add_argument("--max-steps", type=int, default=None, help="cap steps per epoch (smoke tests)")
+
+    g = p.add_argument_group("dependency criterion (ranking heads and neurons)")
+    g.add_argument("--criterion", default="hsic", choices=["hsic", "magnitude", "random"],
+                   help="how components are ranked (hsic: the paper's dependency criterion)")
+    g.add_argument("--criterion-batches", type=int, default=None,
+                   help="training batches (per process) the criterion averages over (default 4)")
+    g.add_argument("--head-lambda", type=float, default=0.1, help="weight of head redundancy")
+    g.add_argument("--neuron-alpha", type=float, default=0.1, help="weight of neuron relevance vs |activation|")
+    g.add_argument("--hsic-bandwidth", default=None, choices=["multi", "median"],
+                   help="Gaussian kernel bandwidth rule (default: the criterion's, see README)")
+
+    g = p.add_argument_group("search (GP expected improvement over per-block keep ratios)")
+    g.add_argument("--search", action="store_true", help="search a pruning policy under a FLOPs budget")
+    g.add_argument("--search_flops", "--search-flops", dest="search_flops", type=float, default=None,
+                   help="target GMACs (multiply-accumulates, the paper's FLOPs: DeiT-S dense = 4.6)")
+    g.add_argument("--search-reduction", type=float, default=None,
+                   help="target as a fraction of GMACs removed, e.g. 0.4 (instead of --search_flops)")
+    g.add_argument("--search_epoch", "--search-epoch", dest="search_epoch", type=int, default=None,
+                   help="EI iterations after the initial population (IMNET: 100, DIGITS: 30)")
+    g.add_argument("--search_population", "--search-population", dest="search_population", type=int, default=None,
+                   help="initial random feasible policies (IMNET: 100, DIGITS: 20)")
+    g.add_argument("--search-max-ratio", type=float, default=0.5, help="upper bound of every removal ratio")
+    g.add_argument("--search-tol", type=float, default=0.02, help="relative FLOPs tolerance of a feasible policy")
+    g.add_argument("--search-mode", default="ei", choices=["ei", "random"], help="ei, or the random-search baseline")
+    g.add_argument("--search-pool", type=int, default=5000, help="feasible candidates scored by EI per step")
+    g.add_argument("--search-holdout", default=None,
+                   help="search split held out of the training set: images (int) or a fraction "
+                        "(default: 20%% of the training set, at most 10000 images)")
+    g.add_argument("--search-on-val", action="store_true",
+                   help="score candidates on the validation set (the paper's setting; biased)")
+    g.add_argument("--round-to", type=int, default=1, help="keep neuron counts at multiples of N")
+    g.add_argument("--fuse", default="mean", choices=["mean", "weighted"], help="how dropped tokens are fused")
+
+    g = p.add_argument_group("prune + finetune")
+    g.add_argument("--prune_finetune", "--prune-finetune", dest="prune_finetune", action="store_true",
+                   help="prune the --resume model by a policy and finetune it with distillation")
+    g.add_argument("--neuron_pruning", "--neuron-pruning", dest="neuron_pruning", action="store_true",
+                   help="prune MLP neurons (with none of the three flags: all dimensions)")
+    g.add_argument("--head_pruning", "--head-pruning", dest="head_pruning", action="store_true",
+                   help="prune attention heads")
+    g.add_argument("--token_pruning", "--token-pruning", dest="token_pruning", action="store_true",
+                   help="reduce tokens")
+    g.add_argument("--neuron_sparsity", "--neuron-sparsity", dest="neuron_sparsity", type=float, default=None,
+                   help="uniform fraction of neurons removed per block (instead of a searched policy)")
+    g.add_argument("--head_sparsity", "--head-sparsity", dest="head_sparsity", type=float, default=None,
+                   help="uniform fraction of heads removed per block")
+    g.add_argument("--token_sparsity", "--token-sparsity", dest="token_sparsity", type=float, default=None,
+                   help="token-removal rate r (keep (1-r)^k at the k-th reduction)")
+    g.add_argument("--policy", default="", help="policy JSON (default: output_dir/search/best_policy.json)")
+    g.add_argument("--finetune-epochs", type=int, default=None, help="finetuning epochs (IMNET: 30, DIGITS: 15)")
+    g.add_argument("--finetune-lr", type=float, default=None, help="finetuning base lr (IMNET: 5e-5, DIGITS: 2e-3)")
+
+    g = p.add_argument_group("pipeline")
+    g.add_argument("--pipeline", action="store_true",
+                   help="pretrain, search and prune+finetune in one run, then print a dense-vs-compressed table")
+    g.add_argument("--pipeline-reductions", default="0.4",
+                   help="comma-separated FLOPs reductions to search and finetune, e.g. 0.4,0.6")
     return p
 
 
@@ -470,6 +529,429 @@ def run_throughput(ctx):
     return result
 
 
+# ----------------------------------------------------------------------------- compression helpers
+
+def load_dense(ctx, num_classes):
+    """The dense model to compress, from --resume (a model file or plain weights)."""
+    if not resolve_resume(ctx.args):
+        raise UserError("search and prune+finetune compress a trained model: pass --resume CHECKPOINT")
+    model, arch = load_for_eval(ctx, num_classes)
+    if arch.get("prune_spec"):
+        raise UserError(f"{ctx.args.resume} is already compressed; pass the dense checkpoint to --resume")
+    return model.to(ctx.device).eval(), arch
+
+
+def criterion_loader(ctx, dataset):
+    """The first --criterion-batches batches of a fixed shuffle of the (un-augmented) training
+    set, sharded over ranks: every rank scores its part, the criterion all-reduces the sums."""
+    import datasets
+    args = ctx.args
+    g = torch.Generator()
+    g.manual_seed(args.seed)
+    total = min(len(dataset), args.criterion_batches * args.batch_size * ctx.world_size)
+    chosen = torch.randperm(len(dataset), generator=g)[:total].tolist()
+    mine = chosen[ctx.rank::ctx.world_size]
+    subset = torch.utils.data.Subset(dataset, mine)
+    return datasets.make_loader(subset, torch.utils.data.SequentialSampler(subset), args.batch_size, args)
+
+
+def rank_dense(ctx, model, train_plain):
+    import dependency_criterion as dc
+    args = ctx.args
+    kw = dict(num_batches=args.criterion_batches, criterion=args.criterion, head_lambda=args.head_lambda,
+              neuron_alpha=args.neuron_alpha, seed=args.seed)
+    if args.hsic_bandwidth:
+        kw["bandwidth"] = args.hsic_bandwidth
+    t0 = time.time()
+    rankings = dc.rank_model(model, criterion_loader(ctx, train_plain), **kw)
+    logger.info(f"ranked heads and neurons with the {args.criterion} criterion in {time.time() - t0:.1f}s")
+    return rankings
+
+
+def active_dims(args):
+    """(heads, neurons, tokens) switched on: the --*_pruning flags, or all three when none is given."""
+    flags = (args.head_pruning, args.neuron_pruning, args.token_pruning)
+    return flags if any(flags) else (True, True, True)
+
+
+def sliced_copy(dense, spec):
+    import copy
+    import pruning
+    model = copy.deepcopy(dense)
+    pruning.apply_spec(model, spec)
+    return model
+
+
+def search_split(ctx, train_plain, val_set):
+    """(dataset, description) that candidates are scored on: a stratified hold-out of the
+    training set by default, the validation set with --search-on-val."""
+    import datasets
+    args = ctx.args
+    if args.search_on_val:
+        return val_set, f"the validation set ({len(val_set)} images; --search-on-val)"
+    size = args.search_holdout
+    if size is None:
+        size = min(10000, max(1, round(0.2 * len(train_plain))))
+    else:
+        size = float(size) if "." in str(size) else int(size)
+    targets = getattr(train_plain, "targets", None)
+    if targets is None:
+        targets = [train_plain[i][1] for i in range(len(train_plain))]
+    held = datasets.stratified_holdout(targets, size, seed=args.seed)
+    return torch.utils.data.Subset(train_plain, held), f"a stratified hold-out of {len(held)} training images"
+
+
+def split_loader(ctx, dataset):
+    import datasets
+    sampler = datasets.ShardSampler(len(dataset)) if ctx.distributed else \
+        torch.utils.data.SequentialSampler(dataset)
+    return datasets.make_loader(dataset, sampler, int(1.5 * ctx.args.batch_size), ctx.args)
+
+
+def search_target(args, dense_gmacs):
+    if args.search_flops is not None and args.search_reduction is not None:
+        raise UserError("give either --search_flops or --search-reduction, not both")
+    if args.search_flops is not None:
+        if args.search_flops <= 0:
+            raise UserError(f"--search_flops must be positive GMACs, got {args.search_flops}")
+        return float(args.search_flops)
+    if args.search_reduction is not None:
+        if not 0 < args.search_reduction < 1:
+            raise UserError(f"--search-reduction must be in (0, 1), got {args.search_reduction}")
+        return dense_gmacs * (1 - args.search_reduction)
+    raise UserError(f"--search needs a budget: --search_flops GMACS (the dense model has {dense_gmacs:.3f}) "
+                    f"or --search-reduction FRACTION")
+
+
+# ----------------------------------------------------------------------------- search mode
+
+def run_search(ctx):
+    import datasets
+    import engine
+    import expected_improvement as ei
+    import flops
+    import numpy as np
+    import pruning
+    args = ctx.args
+    train_plain, ncls = datasets.build_dataset(True, args, train_transform=False)
+    val_set, _ = datasets.build_dataset(False, args)
+    dense, arch = load_dense(ctx, ncls)
+    dims = pruning.model_dims(dense)
+    depth = dims["depth"]
+    dense_gmacs = flops.model_macs(dense)["macs"] / 1e9
+    target = search_target(args, dense_gmacs)
+
+    heads_on, neurons_on, tokens_on = active_dims(args)
+    active = np.array([heads_on] * depth + [neurons_on] * depth + [tokens_on])
+
+    def flops_fn(X):
+        return flops.policy_gmacs(dims, X, round_to=args.round_to)
+    try:
+        sampler = ei.FeasibleSampler(flops_fn, target, dim=2 * depth + 1, lower=0.0, upper=args.search_max_ratio,
+                                     tol=args.search_tol, active=active)
+    except ei.InfeasibleTarget as e:
+        raise UserError(str(e)) from e
+
+    split, split_desc = search_split(ctx, train_plain, val_set)
+    loader = split_loader(ctx, split)
+    rankings = rank_dense(ctx, dense, train_plain)
+    out = os.path.join(ctx.out, "search") if ctx.out else None
+    log_path = os.path.join(out, "search_log.jsonl") if out else None
+    if out and ctx.rank == 0:
+        os.makedirs(out, exist_ok=True)
+        utils.write_json_atomic(os.path.join(out, "rankings.json"), rankings)
+
+    total = args.search_population + args.search_epoch
+    search = ei.GPEI(2 * depth + 1, sampler, n_init=args.search_population, seed=args.seed,
+                     pool_size=args.search_pool, mode=args.search_mode)
+    header = {"target_gmacs": target, "seed": args.seed, "mode": args.search_mode, "criterion": args.criterion,
+              "active": active.tolist(), "max_ratio": args.search_max_ratio, "tol": args.search_tol}
+    records = []
+    if log_path and os.path.exists(log_path):
+        records = utils.read_jsonl(log_path)
+        for rec in records:
+            if rec.get("search") != header:
+                raise UserError(f"{log_path} belongs to another search ({rec.get('search')}); "
+                                f"use another --output_dir or delete it")
+            search.tell(np.asarray(rec["x"]), rec["acc1"])
+        records = records[:total]
+        if records:
+            logger.info(f"search: resuming after {len(records)} finished evaluations from {log_path}")
+        if ctx.rank == 0:  # rewrite without a torn last line
+            with open(log_path, "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in records)
+    records = utils.broadcast_object(records)
+    if ctx.rank != 0:
+        search = ei.GPEI(2 * depth + 1, sampler, n_init=args.search_population, seed=args.seed,
+                         pool_size=args.search_pool, mode=args.search_mode)
+        for rec in records:
+            search.tell(np.asarray(rec["x"]), rec["acc1"])
+
+    logger.info(f"search: {args.search_mode} over {int(active.sum())} ratios, target {target:.4g} GMACs "
+                f"(dense {dense_gmacs:.4g}, reachable {sampler.reachable_range()[0]:.4g}-"
+                f"{sampler.reachable_range()[1]:.4g}), {total} evaluations on {split_desc}")
+    t_start = time.time()
+    done_here = 0
+    for step in range(len(records), total):
+        t0 = time.time()
+        proposal = None
+        if ctx.rank == 0:
+            x, acq = search.ask()
+            proposal = (np.asarray(x, dtype=np.float64).tolist(), None if acq is None else float(acq))
+        x_list, acq = utils.broadcast_object(proposal)
+        x = np.asarray(x_list)
+        policy = pruning.policy_from_vector(x, depth)
+        spec = pruning.policy_to_spec(policy, rankings, dims, round_to=args.round_to, fuse=args.fuse)
+        model = sliced_copy(dense, spec)
+        counted = flops.model_macs(model)
+        stats = engine.evaluate(loader, model, ctx.device, ctx.amp)
+        search.tell(x, stats["acc1"])
+        rec = {"step": step, "search": header, "x": x_list, "policy": policy, "gmacs": counted["macs"] / 1e9,
+               "params": counted["params"], "acc1": stats["acc1"], "loss": stats["loss"], "ei": acq,
+               "phase": "init" if step < args.search_population else args.search_mode,
+               "seconds": round(time.time() - t0, 3), "gp_seconds": round(search.gp_seconds, 3)}
+        records.append(rec)
+        if log_path:
+            utils.append_jsonl(log_path, rec)
+        done_here += 1
+        best = max(r["acc1"] for r in records)
+        eta = (time.time() - t_start) / done_here * (total - step - 1)
+        logger.info(f"search [{step + 1}/{total}] {rec['phase']} gmacs {rec["gmacs"]:.4g} acc {stats['acc1']:.2f} "
+                    f"best {best:.2f} eta {utils.format_seconds(eta)}")
+
+    best_rec = max(records, key=lambda r: (r["acc1"], -r["step"]))
+    best_policy = pruning.policy_from_vector(np.asarray(best_rec["x"]), depth)
+    spec = pruning.policy_to_spec(best_policy, rankings, dims, round_to=args.round_to, fuse=args.fuse)
+    best_model = sliced_copy(dense, spec)
+    val_loader = build_data(ctx, train=False)["val"]
+    val_stats = engine.evaluate(val_loader, best_model, ctx.device, ctx.amp)
+    spent = sum(r["seconds"] for r in records)
+    result = {"policy": best_policy, "vector": best_rec["x"], "target_gmacs": target, "gmacs": best_rec["gmacs"],
+              "dense_gmacs": dense_gmacs, "params": best_rec["params"], "search_acc1": best_rec["acc1"],
+              "val_acc1_before_finetune": val_stats["acc1"], "step": best_rec["step"], "evaluations": len(records),
+              "mode": args.search_mode, "criterion": args.criterion, "split": split_desc, "model": arch["model"],
+              "input_size": arch["input_size"], "round_to": args.round_to, "fuse": args.fuse,
+              "gp_share": (search.gp_seconds / spent) if spent > 0 else None}
+    logger.info(f"search done: best {best_rec['acc1']:.2f} on the search split at {best_rec['gmacs']:.4g} GMACs "
+                f"(target {target:.4g}); val top-1 before finetune {val_stats['acc1']:.2f}")
+    if out and ctx.rank == 0:
+        utils.write_json_atomic(os.path.join(out, "best_policy.json"), result)
+        plot_search(records, os.path.join(out, "search.png"))
+    return result
+
+
+def plot_search(records, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logger.info("matplotlib is not installed: no search plot (pip install matplotlib)")
+        return
+    steps = [r["step"] for r in records]
+    acc = [r["acc1"] for r in records]
+    running = [max(acc[:i + 1]) for i in range(len(acc))]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.scatter(steps, acc, s=12, label="evaluated policy")
+    ax.plot(steps, running, color="C1", label="best so far")
+    n_init = sum(1 for r in records if r["phase"] == "init")
+    if n_init:
+        ax.axvline(n_init - 0.5, color="grey", linestyle=":", label="end of random population")
+    ax.set_xlabel("evaluation")
+    ax.set_ylabel("top-1 on the search split (%)")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- prune + finetune mode
+
+def resolve_policy(ctx, depth):
+    """The policy to apply: --policy, the search's best_policy.json in output_dir, or the
+    uniform --*_sparsity ratios. Dimensions not switched on by the --*_pruning flags are zeroed."""
+    import pruning
+    args = ctx.args
+    uniform = any(v is not None for v in (args.head_sparsity, args.neuron_sparsity, args.token_sparsity))
+    path = args.policy or (os.path.join(ctx.out, "search", "best_policy.json") if ctx.out else "")
+    if uniform and not args.policy:
+        policy = pruning.uniform_policy(depth, head=args.head_sparsity or 0.0, neuron=args.neuron_sparsity or 0.0,
+                                        token=args.token_sparsity or 0.0)
+        source = "uniform ratios"
+    elif path and os.path.exists(path):
+        try:
+            with open(path) as f:
+                loaded = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise UserError(f"cannot read policy {path}: {e}") from e
+        policy = loaded.get("policy", loaded) if isinstance(loaded, dict) else loaded
+        source = path
+    else:
+        where = f" ({path} does not exist)" if path else ""
+        raise UserError(f"no pruning policy{where}: run --search first, pass --policy FILE, or give "
+                        f"--head_sparsity/--neuron_sparsity/--token_sparsity")
+    try:
+        pruning.validate_policy(policy, depth)
+    except pruning.SpecError as e:
+        raise UserError(f"policy from {source}: {e}") from e
+    heads_on, neurons_on, tokens_on = active_dims(args)
+    policy = {"head": [float(v) if heads_on else 0.0 for v in policy["head"]],
+              "neuron": [float(v) if neurons_on else 0.0 for v in policy["neuron"]],
+              "token": float(policy["token"]) if tokens_on else 0.0}
+    return policy, source
+
+
+def run_prune_finetune(ctx):
+    import datasets
+    import engine
+    import flops
+    import models
+    import pruning
+    args = ctx.args
+    data = build_data(ctx)
+    train_plain, _ = datasets.build_dataset(True, args, train_transform=False)
+    dense, dense_arch = load_dense(ctx, data["num_classes"])
+    dims = pruning.model_dims(dense)
+    policy, source = resolve_policy(ctx, dims["depth"])
+    run_dir = os.path.join(ctx.out, "prune_finetune") if ctx.out else None
+    resume = os.path.join(run_dir, "checkpoint.pth") if run_dir and os.path.exists(
+        os.path.join(run_dir, "checkpoint.pth")) else ""
+
+    if resume:
+        model, ckpt = models.load_model_file(resume, device=ctx.device)
+        arch = ckpt["arch"]
+        if arch["prune_spec"].get("policy") and arch["prune_spec"]["policy"]["head"] != policy["head"]:
+            raise UserError(f"{run_dir} holds the finetuning of another policy; use another --output_dir")
+        logger.info(f"prune+finetune: continuing the compressed model in {resume}")
+    else:
+        rankings = rank_dense(ctx, dense, train_plain)
+        spec = pruning.policy_to_spec(policy, rankings, dims, round_to=args.round_to, fuse=args.fuse)
+        model = sliced_copy(dense, spec)
+        arch = dict(dense_arch, prune_spec=model.prune_spec)
+    model.to(ctx.device)
+    dense_m, comp_m = flops.model_macs(dense), flops.model_macs(model)
+    logger.info(f"policy from {source}: {dense_m['macs'] / 1e9:.4g} -> {comp_m['macs'] / 1e9:.4g} GMACs "
+                f"({100 * (1 - comp_m['macs'] / dense_m['macs']):.1f}% fewer), params "
+                f"{dense_m['params'] / 1e6:.3f}M -> {comp_m['params'] / 1e6:.3f}M")
+    before = engine.evaluate(data["val"], model, ctx.device, ctx.amp)
+    dense_stats = engine.evaluate(data["val"], dense, ctx.device, ctx.amp)
+    logger.info(f"val top-1: dense {dense_stats['acc1']:.2f}, pruned before finetune {before['acc1']:.2f}")
+
+    distillation = args.distillation_type or "soft"
+    teacher = dense if distillation != "none" else None
+    stats = fit(ctx, model, arch, data, run_dir, args.finetune_epochs, args.finetune_lr, teacher=teacher,
+                distillation=distillation, resume_path=resume, tag="finetune")
+    result = {"policy": policy, "policy_source": source, "dense_gmacs": dense_m["macs"] / 1e9,
+              "gmacs": comp_m["macs"] / 1e9, "dense_params": dense_m["params"], "params": comp_m["params"],
+              "dense_acc1": dense_stats["acc1"], "acc1_before_finetune": before["acc1"],
+              "acc1": stats["acc1"], "acc5": stats["acc5"], "finetune_epochs": args.finetune_epochs}
+    if run_dir and ctx.rank == 0:
+        final = os.path.join(run_dir, "compressed.pth")
+        models.save_model_file(final, model, arch, extra={"val": stats, "args": _plain(vars(args))})
+        result["file"] = final
+        utils.write_json_atomic(os.path.join(run_dir, "result.json"), result)
+        logger.info(f"compressed model written to {final} (load it with models.load_model_file)")
+    logger.info(f"prune+finetune done: val top-1 {stats['acc1']:.2f} (dense {dense_stats['acc1']:.2f}, "
+                f"before finetune {before['acc1']:.2f}) at {result['gmacs']:.4g} GMACs")
+    return result
+
+
+# ----------------------------------------------------------------------------- pipeline
+
+def _sub_context(ctx, out, **overrides):
+    import copy
+    args = copy.copy(ctx.args)
+    for k, v in overrides.items():
+        setattr(args, k, v)
+    sub = copy.copy(ctx)
+    sub.args = args
+    sub.out = out
+    args.output_dir = out or ""
+    return sub
+
+
+def measure_speed(ctx, path, batch, repeats=7):
+    """Images/s of each model file, interleaved over rounds so machine noise hits all alike."""
+    import statistics
+    import engine
+    import models
+    loaded = [models.load_model_file(p, device=ctx.device)[0] for p in path]
+    size = ctx.args.input_size
+    rates = [[] for _ in loaded]
+    for _ in range(repeats):
+        for i, m in enumerate(loaded):
+            rates[i].append(engine.throughput(m, ctx.device, batch, size, amp=ctx.amp, warmup=1, repeats=3))
+    return [statistics.median(r) for r in rates]
+
+
+def run_pipeline(ctx):
+    """Pretrain -> search -> prune+finetune for each reduction, then a dense-vs-compressed table.
+    Rerunning the same command resumes: each step picks up what it finished."""
+    args = ctx.args
+    if not ctx.out:
+        raise UserError("--pipeline needs --output_dir")
+    try:
+        reductions = [float(r) for r in str(args.pipeline_reductions).split(",") if r.strip()]
+    except ValueError as e:
+        raise UserError(f"--pipeline-reductions must be comma-separated fractions, got {args.pipeline_reductions}")
+    if not reductions or not all(0 < r < 1 for r in reductions):
+        raise UserError(f"--pipeline-reductions must be fractions in (0, 1), got {args.pipeline_reductions}")
+    t0 = time.time()
+    dense_dir = os.path.join(ctx.out, "dense")
+    dense_ckpt = os.path.join(dense_dir, "checkpoint.pth")
+    logger.info(f"pipeline 1/3: pretraining {args.model} into {dense_dir}")
+    run_train(_sub_context(ctx, dense_dir, resume="auto", eval=False, search=False, prune_finetune=False))
+    rows = []
+    for r in reductions:
+        sub_dir = os.path.join(ctx.out, f"reduce{round(100 * r)}")
+        best = os.path.join(sub_dir, "search", "best_policy.json")
+        if os.path.exists(best) and ctx.rank == 0:
+            logger.info(f"pipeline 2/3: using the finished search in {best}")
+            with open(best) as f:
+                found = json.load(f)
+        else:
+            logger.info(f"pipeline 2/3: searching a policy with {100 * r:.0f}% fewer GMACs")
+            found = run_search(_sub_context(ctx, sub_dir, resume=dense_ckpt, search_reduction=r, search_flops=None))
+        found = utils.broadcast_object(found)
+        logger.info(f"pipeline 3/3: pruning and finetuning into {sub_dir}/prune_finetune")
+        res = run_prune_finetune(_sub_context(ctx, sub_dir, resume=dense_ckpt, policy=best))
+        res["reduction"] = r
+        res["search_val_acc1"] = found.get("val_acc1_before_finetune")
+        rows.append(res)
+    if ctx.rank != 0:
+        return rows
+    files = [dense_ckpt] + [row["file"] for row in rows]
+    speeds = measure_speed(ctx, files, batch=args.throughput_batch)
+    table = [{"model": "dense", "gmacs": rows[0]["dense_gmacs"], "params": rows[0]["dense_params"],
+              "acc1": rows[0]["dense_acc1"], "acc1_before_finetune": None, "images_per_s": speeds[0],
+              "speedup": 1.0, "macs_ratio": 1.0, "file": dense_ckpt}]
+    for row, speed in zip(rows, speeds[1:]):
+        table.append({"model": f"-{100 * row['reduction']:.0f}% GMACs", "gmacs": row["gmacs"], "params": row["params"],
+                      "acc1": row["acc1"], "acc1_before_finetune": row["acc1_before_finetune"],
+                      "images_per_s": speed, "speedup": speed / speeds[0],
+                      "macs_ratio": row["dense_gmacs"] / row["gmacs"], "file": row["file"]})
+    summary = {"rows": table, "seconds": round(time.time() - t0, 1), "device": str(ctx.device),
+               "throughput_batch": args.throughput_batch}
+    utils.write_json_atomic(os.path.join(ctx.out, "summary.json"), summary)
+    text = format_table(table)
+    with open(os.path.join(ctx.out, "summary.md"), "w") as f:
+        f.write(text + "\n")
+    print(text)
+    logger.info(f"pipeline finished in {utils.format_seconds(summary['seconds'])}; summary in "
+                f"{os.path.join(ctx.out, 'summary.md')}")
+    return summary
+
+
+def format_table(rows):
+    head = "| model | GMACs | params (M) | val top-1 | top-1 before finetune | images/s | speed-up | MACs ratio |"
+    lines = [head, "|" + "---|" * 8]
+    for r in rows:
+        before = "" if r["acc1_before_finetune"] is None else f"{r['acc1_before_finetune']:.2f}"
+        lines.append(f"| {r['model']} | {r["gmacs"]:.4g} | {r['params'] / 1e6:.3f} | {r['acc1']:.2f} | {before} | "
+                     f"{r['images_per_s']:.0f} | {r['speedup']:.2f}x | {r['macs_ratio']:.2f}x |")
+    return "\n".join(lines)
+
+
 def _num_classes_guess(args):
     return 10 if args.data_set in ("DIGITS", "CIFAR10") else 100 if args.data_set == "CIFAR100" else 1000
 
@@ -493,6 +975,12 @@ def main(args):
 
 def dispatch(ctx):
     args = ctx.args
+    if args.pipeline:
+        return run_pipeline(ctx)
+    if args.search:
+        return run_search(ctx)
+    if args.prune_finetune:
+        return run_prune_finetune(ctx)
     if args.throughput:
         return run_throughput(ctx)
     if args.eval:
