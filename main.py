@@ -716,7 +716,7 @@ def run_search(ctx):
         done_here += 1
         best = max(r["acc1"] for r in records)
         eta = (time.time() - t_start) / done_here * (total - step - 1)
-        logger.info(f"search [{step + 1}/{total}] {rec['phase']} gmacs {rec["gmacs"]:.4g} acc {stats['acc1']:.2f} "
+        logger.info(f"search [{step + 1}/{total}] {rec['phase']} gmacs {rec['gmacs']:.4g} acc {stats['acc1']:.2f} "
                     f"best {best:.2f} eta {utils.format_seconds(eta)}")
 
     best_rec = max(records, key=lambda r: (r["acc1"], -r["step"]))
@@ -947,7 +947,7 @@ def format_table(rows):
     lines = [head, "|" + "---|" * 8]
     for r in rows:
         before = "" if r["acc1_before_finetune"] is None else f"{r['acc1_before_finetune']:.2f}"
-        lines.append(f"| {r['model']} | {r["gmacs"]:.4g} | {r['params'] / 1e6:.3f} | {r['acc1']:.2f} | {before} | "
+        lines.append(f"| {r['model']} | {r['gmacs']:.4g} | {r['params'] / 1e6:.3f} | {r['acc1']:.2f} | {before} | "
                      f"{r['images_per_s']:.0f} | {r['speedup']:.2f}x | {r['macs_ratio']:.2f}x |")
     return "\n".join(lines)
 
