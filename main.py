@@ -542,17 +542,20 @@ def load_dense(ctx, num_classes):
 
 
 def criterion_loader(ctx, dataset):
-    """The first --criterion-batches batches of a fixed shuffle of the (un-augmented) training
-    set, sharded over ranks: every rank scores its part, the criterion all-reduces the sums."""
+    """--criterion-batches batches per process from a fixed shuffle of the (un-augmented)
+    training set. Whole batches are dealt to ranks in turn, so W processes with k batches each
+    score exactly the batches that one process with k*W batches scores."""
     import datasets
     args = ctx.args
     g = torch.Generator()
     g.manual_seed(args.seed)
-    total = min(len(dataset), args.criterion_batches * args.batch_size * ctx.world_size)
-    chosen = torch.randperm(len(dataset), generator=g)[:total].tolist()
-    mine = chosen[ctx.rank::ctx.world_size]
+    bs = args.batch_size
+    n_batches = max(1, min(args.criterion_batches * ctx.world_size, len(dataset) // bs))
+    chosen = torch.randperm(len(dataset), generator=g)[:n_batches * bs].tolist()
+    batches = [chosen[i * bs:(i + 1) * bs] for i in range(n_batches)]
+    mine = [i for b in batches[ctx.rank::ctx.world_size] for i in b]
     subset = torch.utils.data.Subset(dataset, mine)
-    return datasets.make_loader(subset, torch.utils.data.SequentialSampler(subset), args.batch_size, args)
+    return datasets.make_loader(subset, torch.utils.data.SequentialSampler(subset), bs, args)
 
 
 def rank_dense(ctx, model, train_plain):
