@@ -1,0 +1,126 @@
+"""The seed README's three commands in a row, prune+finetune resume, the one-command pipeline."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from helpers import FAST, ROOT, make_image_folder, run_cli, run_subprocess
+
+PY = sys.executable
+
+
+def _launch(args):
+    import utils
+    return run_subprocess([PY, "-m", "torch.distributed.launch", "--nproc_per_node=2", "--use_env",
+                           f"--master_port={utils.free_port()}", "main.py"] + args, timeout=400)
+
+
+def test_seed_commands_end_to_end(tmp_path):
+    import flops
+    data = make_image_folder(str(tmp_path / "imagenet"), classes=("n01", "n02", "n03"), per_class=(16, 4))
+    logs = tmp_path / "logs"
+    common = ["--model", "vit_pico_patch8_32", "--batch-size", "4", "--data-path", data, "--output_dir", logs,
+              "--dist-eval", "--input-size", "32", "--num_workers", "0"]
+    res = _launch(common + ["--epochs", "2"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    os.replace(logs / "checkpoint.pth", logs / "deit_small.pth")
+    dense_gmacs = flops.model_macs(__import__("models").load_model_file(str(logs / "deit_small.pth"))[0])["macs"] / 1e9
+    target = round(dense_gmacs * 0.6, 6)
+    res = _launch(common + ["--resume", logs / "deit_small.pth", "--eval", "--search", "--search_epoch", "3",
+                            "--search_flops", str(target), "--search_population", "3"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (logs / "search" / "best_policy.json").exists()
+    res = _launch(common + ["--resume", logs / "deit_small.pth", "--neuron_pruning", "--head_pruning",
+                            "--token_pruning", "--prune_finetune", "--finetune-epochs", "1"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    final = logs / "prune_finetune" / "compressed.pth"
+    assert final.exists()
+
+    # the compressed file meets the budget and reloads in a fresh process with identical outputs
+    import models
+    model, ckpt = models.load_model_file(str(final))
+    gmacs = flops.model_macs(model)["macs"] / 1e9
+    assert abs(gmacs - target) <= 0.02 * target
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the same thread count as the fresh process: bitwise-equal sums
+    try:
+        with torch.no_grad():
+            ours = model(x)
+    finally:
+        torch.set_num_threads(threads)
+    torch.save(x, tmp_path / "x.pt")
+    script = ("import sys, torch; sys.path.insert(0, %r); import models; "
+              "m, _ = models.load_model_file(%r); x = torch.load(%r); "
+              "torch.save(m(x).detach(), %r)" % (ROOT, str(final), str(tmp_path / "x.pt"), str(tmp_path / "y.pt")))
+    res = run_subprocess([PY, "-c", script])
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert torch.equal(torch.load(tmp_path / "y.pt"), ours)
+
+    # evaluating the compressed file through the CLI works too
+    code, out, err = run_cli(["--eval", "--resume", final, "--data-path", data, "--input-size", "32",
+                              "--num_workers", "0", "--batch-size", "4"])
+    assert code == 0, err
+    assert json.loads(out.strip().splitlines()[-1])["n"] == 12
+
+
+def test_uniform_ratios_and_finetune_resume(tmp_path):
+    code, _, err = run_cli(FAST + ["--epochs", "1", "--max-steps", "5", "--output_dir", tmp_path / "dense"])
+    assert code == 0, err
+    dense = tmp_path / "dense" / "checkpoint.pth"
+    args = FAST + ["--prune_finetune", "--resume", str(dense), "--head_sparsity", "0.5", "--neuron_sparsity", "0.5",
+                   "--finetune-epochs", "4", "--max-steps", "12"]
+    full = run_subprocess([PY, "main.py"] + args + ["--output_dir", tmp_path / "full"])
+    assert full.returncode == 0, full.stderr[-3000:]
+
+    out = tmp_path / "killed"
+    log = out / "prune_finetune" / "log.jsonl"
+    proc = subprocess.Popen([PY, "main.py"] + [str(a) for a in args] + ["--output_dir", str(out)], cwd=ROOT,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if log.exists() and len(log.read_text().splitlines()) >= 1:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "finetuning ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = len(log.read_text().splitlines())
+    again = run_subprocess([PY, "main.py"] + args + ["--output_dir", out])
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "continuing the compressed model" in again.stderr and f"at epoch {done}" in again.stderr
+    a = json.loads((tmp_path / "full" / "prune_finetune" / "result.json").read_text())
+    b = json.loads((out / "prune_finetune" / "result.json").read_text())
+    assert a["gmacs"] == b["gmacs"] and a["acc1"] == pytest.approx(b["acc1"])
+    sa = torch.load(tmp_path / "full" / "prune_finetune" / "compressed.pth", weights_only=True)
+    sb = torch.load(out / "prune_finetune" / "compressed.pth", weights_only=True)
+    assert sa["arch"]["prune_spec"] == sb["arch"]["prune_spec"]
+    for k, v in sa["model"].items():
+        torch.testing.assert_close(sb["model"][k], v, rtol=1e-5, atol=1e-6)
+
+
+def test_missing_policy_is_a_one_line_error(tmp_path):
+    code, _, err = run_cli(FAST + ["--epochs", "1", "--max-steps", "2", "--output_dir", tmp_path])
+    assert code == 0, err
+    code, _, err = run_cli(FAST + ["--prune_finetune", "--resume", tmp_path / "checkpoint.pth",
+                                   "--output_dir", tmp_path])
+    assert code == 2 and "no pruning policy" in err and "run --search first" in err
+
+
+def test_pipeline_smoke(tmp_path):
+    code, out, err = run_cli(FAST + ["--pipeline", "--epochs", "1", "--max-steps", "4", "--search_population", "3",
+                                     "--search_epoch", "2", "--finetune-epochs", "1", "--search-holdout", "50",
+                                     "--pipeline-reductions", "0.4,0.6", "--output_dir", tmp_path])
+    assert code == 0, err
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert [r["model"] for r in summary["rows"]] == ["dense", "-40% GMACs", "-60% GMACs"]
+    dense = summary["rows"][0]["gmacs"]
+    for row, r in zip(summary["rows"][1:], (0.4, 0.6)):
+        assert abs(row["gmacs"] - dense * (1 - r)) <= 0.02 * dense * (1 - r)
+    assert "| dense |" in out
