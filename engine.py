@@ -60,7 +60,7 @@ class DistillationLoss(torch.nn.Module):
 
 def train_one_epoch(model, criterion, loader, optimizer, device, epoch, scaler=None, amp=False,
                     clip_grad=None, model_ema=None, mixup_fn=None, total_epochs=None, log_every=10,
-                    max_steps=None):
+                    max_steps=None, lr_scheduler=None):
     """Train for one pass over ``loader``. Raises NonFiniteLoss on a NaN/inf loss (before the
     optimizer step, so the weights and the last checkpoint stay good)."""
     model.train()
@@ -96,6 +96,8 @@ def train_one_epoch(model, criterion, loader, optimizer, device, epoch, scaler=N
             optimizer.step()
         if model_ema is not None:
             model_ema.update(model)
+        if lr_scheduler is not None:  # per-step schedule: warm-up and cosine move every update
+            lr_scheduler.step_update(epoch * steps + step + 1)
         progress.update(step, loss=loss_value, lr=optimizer.param_groups[0]["lr"])
     return progress.averages()
 

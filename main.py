@@ -370,10 +370,11 @@ def fit(ctx, model, arch, data, run_dir, epochs, lr, teacher=None, distillation=
         opt_kwargs["betas"] = tuple(args.opt_betas)
     optimizer = create_optimizer_v2(model_without_ddp, opt=args.opt, lr=scaled_lr,
                                     weight_decay=args.weight_decay, **opt_kwargs)
+    steps_per_epoch = len(data["train"]) if args.max_steps is None else min(len(data["train"]), args.max_steps)
     scheduler, _ = create_scheduler_v2(optimizer, sched=args.sched, num_epochs=epochs, decay_epochs=args.decay_epochs,
                                        decay_rate=args.decay_rate, min_lr=args.min_lr, warmup_lr=args.warmup_lr,
                                        warmup_epochs=min(args.warmup_epochs, max(epochs - 1, 0)),
-                                       cooldown_epochs=0)
+                                       cooldown_epochs=0, step_on_epochs=False, updates_per_epoch=steps_per_epoch)
     scaler = torch.amp.GradScaler("cuda") if ctx.amp else None
     model_ema = None
     if args.model_ema:
@@ -409,6 +410,7 @@ def fit(ctx, model, arch, data, run_dir, epochs, lr, teacher=None, distillation=
             best = ckpt.get("best", best)
             logger.info(f"resumed {resume_path} at epoch {start_epoch}")
 
+    scheduler.step_update(start_epoch * steps_per_epoch)
     log_path = os.path.join(run_dir, "log.jsonl") if run_dir else None
     stats = None
     if start_epoch >= epochs:
@@ -425,8 +427,7 @@ def fit(ctx, model, arch, data, run_dir, epochs, lr, teacher=None, distillation=
         train_stats = engine.train_one_epoch(
             model, criterion, data["train"], optimizer, device, epoch, scaler=scaler, amp=ctx.amp,
             clip_grad=args.clip_grad, model_ema=model_ema, mixup_fn=mixup_fn, total_epochs=epochs,
-            log_every=args.log_every, max_steps=args.max_steps)
-        scheduler.step(epoch + 1)
+            log_every=args.log_every, max_steps=args.max_steps, lr_scheduler=scheduler)
         stats = engine.evaluate(data["val"], model_without_ddp, device, ctx.amp)
         ema_stats = engine.evaluate(data["val"], model_ema.module, device, ctx.amp) if model_ema else None
         is_best = stats["acc1"] > best["acc1"]
