@@ -127,7 +127,7 @@ def policy_gmacs(dims, X, round_to=1):
 
 def _build_parser():
     p = argparse.ArgumentParser(description="GMACs and parameters of a timm ViT or of a compressed-model file")
-    p.add_argument("--model", default="deit_small_patch16_224", help="timm model name (built with pretrained=False)")
+    p.add_argument("--model", default="deit_small_patch16_224", help="timm ViT name or preset of models.py (built with pretrained=False)")
     p.add_argument("--resume", default="", help="a compressed-model file (loaded with models.load_model_file)")
     p.add_argument("--input-size", "--input_size", dest="input_size", type=int, default=None,
                    help="image size in pixels (default: the model's)")
@@ -150,13 +150,15 @@ def main(argv=None):
             raise SystemExit(f"error: {exc}")
         name = args.resume
     else:
-        import timm
+        from models import build_model
+        from utils import UserError
         kwargs = {}
         if args.num_classes is not None:
             kwargs["num_classes"] = args.num_classes
-        if args.input_size is not None:
-            kwargs["img_size"] = args.input_size
-        model = timm.create_model(args.model, pretrained=False, **kwargs)
+        try:
+            model = build_model(args.model, img_size=args.input_size, **kwargs)
+        except UserError as exc:
+            raise SystemExit(f"error: {exc}")
         name = args.model
     stats = model_macs(model, args.input_size)
     if args.json:

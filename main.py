@@ -29,8 +29,8 @@ RECIPES = {
                   aa="rand-m9-mstd0.5-inc1", smoothing=0.1, reprob=0.25, mixup=0.8, cutmix=1.0,
                   repeated_aug=True, model_ema=True, num_workers=10, finetune_epochs=30, finetune_lr=5e-5,
                   search_epoch=100, search_population=100, criterion_batches=4),
-    "DIGITS": dict(model="vit_nano_patch4_32", input_size=32, epochs=60, batch_size=64, lr=1e-2,
-                   warmup_epochs=3, cooldown_epochs=0, min_lr=1e-5, weight_decay=0.05, drop_path=0.0,
+    "DIGITS": dict(model="vit_nano_patch4_32", input_size=32, epochs=30, batch_size=64, lr=1e-2,
+                   warmup_epochs=2, cooldown_epochs=0, min_lr=1e-5, weight_decay=0.05, drop_path=0.0,
                    aa="none", smoothing=0.1, reprob=0.0, mixup=0.0, cutmix=0.0,
                    repeated_aug=False, model_ema=False, num_workers=0, finetune_epochs=15, finetune_lr=2e-3,
                    search_epoch=30, search_population=20, criterion_batches=4),
@@ -43,7 +43,7 @@ def get_args_parser():
                                 "GP-EI policy search, physical pruning)", add_help=False)
     p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=None,
                    help="per-process batch size (IMNET: 64, DIGITS: 64)")
-    p.add_argument("--epochs", type=int, default=None, help="training epochs (IMNET: 300, DIGITS: 60)")
+    p.add_argument("--epochs", type=int, default=None, help="training epochs (IMNET: 300, DIGITS: 30)")
 
     g = p.add_argument_group("model")
     g.add_argument("--model", default=None, metavar="NAME",
@@ -73,7 +73,7 @@ def get_args_parser():
     g.add_argument("--unscale-lr", action="store_true", help="do not scale --lr by the global batch size")
     g.add_argument("--warmup-lr", type=float, default=1e-6)
     g.add_argument("--min-lr", type=float, default=None, help="(default 1e-5)")
-    g.add_argument("--warmup-epochs", type=int, default=None, help="(IMNET: 5, DIGITS: 3)")
+    g.add_argument("--warmup-epochs", type=int, default=None, help="(IMNET: 5, DIGITS: 2)")
     g.add_argument("--cooldown-epochs", type=int, default=None, help="(IMNET: 10, DIGITS: 0)")
     g.add_argument("--decay-epochs", type=float, default=30)
     g.add_argument("--decay-rate", "--dr", type=float, default=0.1)
@@ -167,7 +167,8 @@ def get_args_parser():
                         "(default: 20%% of the training set, at most 10000 images)")
     g.add_argument("--search-on-val", action="store_true",
                    help="score candidates on the validation set (the paper's setting; biased)")
-    g.add_argument("--round-to", type=int, default=1, help="keep neuron counts at multiples of N")
+    g.add_argument("--round-to", type=int, default=8,
+                   help="keep neuron counts at multiples of N (default 8: fast matrix shapes on CPUs and GPUs; 1 = exact ratios)")
     g.add_argument("--fuse", default="mean", choices=["mean", "weighted"], help="how dropped tokens are fused")
 
     g = p.add_argument_group("prune + finetune")
@@ -217,6 +218,16 @@ def resolve_defaults(args):
 def check_args(args):
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {args.device} asked for but CUDA is not available")
+    if args.round_to < 1:
+        raise UserError(f"--round-to must be at least 1, got {args.round_to}")
+    if not 0 < args.search_max_ratio < 1:
+        raise UserError(f"--search-max-ratio must be in (0, 1), got {args.search_max_ratio}")
+    if not 0 < args.search_tol < 1:
+        raise UserError(f"--search-tol must be in (0, 1), got {args.search_tol}")
+    for name in ("head_sparsity", "neuron_sparsity", "token_sparsity"):
+        value = getattr(args, name)
+        if value is not None and not 0 <= value < 1:
+            raise UserError(f"--{name} must be in [0, 1), got {value}")
     for name in ("batch_size", "epochs", "input_size"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
@@ -1000,9 +1011,10 @@ def engine_errors():
 def cli(argv=None):
     parser = argparse.ArgumentParser("main.py", parents=[get_args_parser()])
     args = parser.parse_args(argv)
+    from pruning import SpecError
     try:
         main(args)
-    except UserError as e:
+    except (UserError, SpecError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except engine_errors() as e:
