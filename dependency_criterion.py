@@ -1,0 +1,430 @@
+"""Dependency criterion: HSIC scores for every attention head and MLP neuron of a timm ViT.
+
+Pure tensors in, scores out. The estimator is the biased empirical HSIC
+
+    HSIC(K, L) = trace(K H L H) / (n - 1)^2,    H = I - 11^T / n,
+
+computed without forming H: since H is idempotent, trace(K H L H) = sum_ij K_ij (H L H)_ij, so one
+side is double-centred (subtract row and column means, add back the grand mean) and the result is an
+elementwise product summed over the last two dims. That broadcasts over any leading batch of
+components, so a whole block (all heads, or a chunk of neurons) is one batched op.
+
+Features (one vector per image, per component):
+  * head h: the head's output over the N tokens, averaged over the head dimension (the input of
+    ``attn.proj`` is the concatenation of per-head outputs, [B, N, H * head_dim]);
+  * neuron j: its activation over the N tokens (the input of ``mlp.fc2``, [B, N, hidden]).
+Features get a Gaussian kernel, the prediction (softmax of the model output) a linear kernel.
+
+Scores (higher = more important):
+  * head:   relevance - head_lambda * mean redundancy with the other heads of its block,
+            relevance = HSIC(K_head, L_pred), redundancy = HSIC(K_head, K_other_head);
+  * neuron: neuron_alpha * minmax(relevance) + (1 - neuron_alpha) * minmax(mean |activation|),
+            where minmax rescales a block's values to [0, 1] ((x - min) / (max - min); a block whose
+            values are all equal maps to 0). Min-max makes the two terms commensurable whatever
+            their raw scales, so alpha really is the weight of relevance.
+
+Statistics are summed over batches (per-batch HSIC values, sums of |activation| and element
+counts); under torch.distributed the sums and counts are all-reduced before anything is averaged,
+normalised or combined, so every rank computes the same scores as one process over the union of
+the ranks' batches.
+"""
+
+import torch
+import torch.distributed as dist
+from timm.layers import Mlp
+from timm.models.vision_transformer import Attention
+
+__all__ = [
+    "MULTI_SIGMAS",
+    "center_kernel",
+    "hsic",
+    "hsic_pairwise",
+    "gaussian_kernel",
+    "linear_kernel",
+    "compute_scores",
+    "rank_components",
+    "rank_model",
+]
+
+# Bandwidths of the original's multi-scale Gaussian kernel (on standardised features).
+MULTI_SIGMAS = (1.0, 2.0, 4.0, 8.0, 16.0)
+CRITERIA = ("hsic", "magnitude", "random")
+BANDWIDTHS = ("multi", "median")
+DEFAULT_BANDWIDTH = "median"
+_EPS = 1e-12
+
+
+# ----------------------------------------------------------------------------------------------
+# kernels and the estimator
+# ----------------------------------------------------------------------------------------------
+
+def _work_dtype(t):
+    """float64 stays float64; everything else (fp16/bf16/fp32) is computed in float32."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def center_kernel(K):
+    """H K H for K [..., n, n] (double centring by row/column/grand means; no H is formed)."""
+    return (K - K.mean(dim=-1, keepdim=True) - K.mean(dim=-2, keepdim=True)
+            + K.mean(dim=(-2, -1), keepdim=True))
+
+
+def hsic(K, L):
+    """Biased HSIC trace(K H L H) / (n-1)^2 for every leading batch entry of K [..., n, n].
+
+    L is [n, n] or broadcastable against K. Returns a tensor of K's (broadcast) batch shape.
+    """
+    n = K.shape[-1]
+    if n < 2:
+        raise ValueError("HSIC needs at least two samples")
+    return (K * center_kernel(L)).sum(dim=(-2, -1)) / (n - 1) ** 2
+
+
+def hsic_pairwise(K):
+    """All-pairs HSIC between the C kernels of K [C, n, n] -> [C, C] (one matmul)."""
+    C, n = K.shape[0], K.shape[-1]
+    if n < 2:
+        raise ValueError("HSIC needs at least two samples")
+    Kc = center_kernel(K).reshape(C, n * n)
+    return (Kc @ K.reshape(C, n * n).transpose(0, 1)) / (n - 1) ** 2
+
+
+def _kernel_of_centred(x, bandwidth):
+    """Gaussian kernels of x [C, n, d], contiguous, each component already centred (its n*d values
+    have mean 0; centring leaves distances unchanged but keeps the Gram-based ones accurate)."""
+    C, n, d = x.shape
+    sq = (x * x).sum(dim=-1)  # [C, n]
+    D = torch.baddbmm(sq.unsqueeze(-1) + sq.unsqueeze(-2), x, x.transpose(-2, -1), alpha=-2.0)
+    D.clamp_min_(0.0)
+    D.diagonal(dim1=-2, dim2=-1).zero_()
+    if bandwidth == "multi":
+        # Standardising (x - mean) / std only rescales squared distances by 1 / var, and with x
+        # centred var is sum(sq) / (n d): fold 1 / (var d) into the distances instead.
+        var = sq.sum(dim=-1) / (n * d)
+        D.mul_((1.0 / (var.clamp_min(_EPS * _EPS) * d)).view(C, 1, 1))
+        K = torch.zeros_like(D)
+        tmp = torch.empty_like(D)
+        for sigma in MULTI_SIGMAS:  # 5 fixed scales, each one batched op over all components
+            torch.mul(D, -0.5 / (sigma * sigma), out=tmp)
+            K.add_(tmp.exp_())
+        return K.mul_(1.0 / len(MULTI_SIGMAS))
+    if bandwidth == "median":
+        if n < 2:
+            return torch.ones_like(D)
+        iu = torch.triu_indices(n, n, offset=1, device=D.device)
+        med = D[:, iu[0], iu[1]].median(dim=1).values
+        tiny = torch.finfo(D.dtype).tiny
+        return D.mul_((-0.5 / med.clamp_min(tiny)).view(C, 1, 1)).exp_()
+    raise ValueError(f"unknown bandwidth {bandwidth!r}; expected one of {BANDWIDTHS}")
+
+
+def gaussian_kernel(feats, bandwidth=DEFAULT_BANDWIDTH):
+    """Gaussian kernel matrices of C components over n samples: feats [C, n, d] -> [C, n, n].
+
+    bandwidth="multi": each component is standardised over all its n*d values, (x - mean) / std,
+        and the kernel is the average over sigma in MULTI_SIGMAS of exp(-||xi - xj||^2 / (2 sigma^2 d)).
+        Dividing by the feature length d (as the HSIC-bottleneck kernel the original builds on does)
+        keeps the sigma grid meaningful whether a feature spans 17 tokens or 197.
+    bandwidth="median": exp(-||xi - xj||^2 / (2 s^2)) with s^2 the median off-diagonal squared
+        distance of that component (the median heuristic; scale-free, so no standardisation).
+    A constant component gets the all-ones kernel, whose HSIC with anything is 0.
+    """
+    if feats.dim() != 3:
+        raise ValueError(f"feats must be [C, n, d], got {tuple(feats.shape)}")
+    if bandwidth not in BANDWIDTHS:
+        raise ValueError(f"unknown bandwidth {bandwidth!r}; expected one of {BANDWIDTHS}")
+    x = feats.to(_work_dtype(feats))
+    x = (x - x.mean(dim=(1, 2), keepdim=True)).contiguous()
+    return _kernel_of_centred(x, bandwidth)
+
+
+def linear_kernel(y):
+    """Linear kernel y y^T of per-sample vectors y [n, k] -> [n, n]."""
+    y = y.to(_work_dtype(y))
+    return y @ y.transpose(0, 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# model traversal
+# ----------------------------------------------------------------------------------------------
+
+def _unwrap(model):
+    # DistributedDataParallel / DataParallel keep the real model in .module
+    inner = getattr(model, "module", None)
+    return inner if isinstance(inner, torch.nn.Module) else model
+
+
+def _find(block, cls):
+    for m in block.modules():
+        if isinstance(m, cls):
+            return m
+    return None
+
+
+def _block_parts(model):
+    """[(Attention or None, Mlp or None)] per entry of model.blocks, found by isinstance."""
+    blocks = getattr(model, "blocks", None)
+    if blocks is None:
+        raise ValueError("expected a timm VisionTransformer with a .blocks container")
+    return [(_find(b, Attention), _find(b, Mlp)) for b in blocks]
+
+
+def _model_device(model):
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+# ----------------------------------------------------------------------------------------------
+# criteria
+# ----------------------------------------------------------------------------------------------
+
+def _minmax(v):
+    if v.numel() == 0:
+        return v
+    lo, hi = v.min(), v.max()
+    span = hi - lo
+    if span <= 0:
+        return torch.zeros_like(v)
+    return (v - lo) / span
+
+
+def _head_features(x, num_heads):
+    """input of attn.proj [B, N, H*hd] -> per-head features [H, B, N] (mean over head dim)."""
+    B, N, _ = x.shape
+    return x.reshape(B, N, num_heads, -1).mean(dim=-1).permute(2, 0, 1)
+
+
+def _magnitude_scores(parts):
+    """Weight-magnitude baseline.
+
+    head h: sum of |w| over the rows of qkv that produce its q, k and v, plus the columns of proj
+            that read its output (all of the head's weights, L1);
+    neuron j: ||fc1.weight[j, :]||_2 * ||fc2.weight[:, j]||_2 (the gain of its in->out path).
+    """
+    heads, neurons = [], []
+    for attn, mlp in parts:
+        if attn is None:
+            heads.append(torch.zeros(0, dtype=torch.float64))
+        else:
+            H, hd = attn.num_heads, attn.head_dim
+            qkv = attn.qkv.weight.detach().abs().double()  # [3*H*hd, C]
+            proj = attn.proj.weight.detach().abs().double()  # [C, H*hd]
+            s = qkv.reshape(3, H, hd, -1).sum(dim=(0, 2, 3)) + proj.reshape(-1, H, hd).sum(dim=(0, 2))
+            heads.append(s.cpu())
+        if mlp is None:
+            neurons.append(torch.zeros(0, dtype=torch.float64))
+        else:
+            w1 = mlp.fc1.weight.detach().double()  # [hidden, C]
+            w2 = mlp.fc2.weight.detach().double()  # [C, hidden]
+            neurons.append((w1.norm(dim=1) * w2.norm(dim=0)).cpu())
+    return {"heads": heads, "neurons": neurons}
+
+
+def _random_scores(parts, seed):
+    g = torch.Generator().manual_seed(int(seed))
+    heads, neurons = [], []
+    for attn, mlp in parts:
+        heads.append(torch.rand(attn.num_heads if attn is not None else 0, generator=g, dtype=torch.float64))
+        hidden = mlp.fc1.out_features if mlp is not None else 0
+        neurons.append(torch.rand(hidden, generator=g, dtype=torch.float64))
+    return {"heads": heads, "neurons": neurons}
+
+
+class _Capture:
+    """Forward hooks on attn.proj / mlp.fc2 that keep what the criterion needs from one batch.
+
+    Per block it stores the per-head features [H, B, N] (small) and a reference to the fc2 input
+    [B, N, hidden] (the activation tensor itself, no copy; all blocks' activations stay alive until
+    the batch is scored: 12 x 128 x 197 x 3072 x 4 B = 3.7 GB for DeiT-B at batch 128, fp32).
+    The hooks are removed by close(), which compute_scores calls in a finally block.
+    """
+
+    def __init__(self, parts):
+        self.heads = [None] * len(parts)
+        self.acts = [None] * len(parts)
+        self._handles = []
+        for i, (attn, mlp) in enumerate(parts):
+            if attn is not None:
+                self._handles.append(attn.proj.register_forward_hook(self._head_hook(i, attn)))
+            if mlp is not None:
+                self._handles.append(mlp.fc2.register_forward_hook(self._neuron_hook(i)))
+
+    def _head_hook(self, i, attn):
+        def hook(module, inputs, output):
+            self.heads[i] = _head_features(inputs[0], attn.num_heads)
+        return hook
+
+    def _neuron_hook(self, i):
+        def hook(module, inputs, output):
+            self.acts[i] = inputs[0]
+        return hook
+
+    def clear(self):
+        self.heads = [None] * len(self.heads)
+        self.acts = [None] * len(self.acts)
+
+    def close(self):
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self.clear()
+
+
+def _prediction(out):
+    if isinstance(out, (tuple, list)):  # (cls, dist) logits of a distilled model: average them
+        out = sum(out) / len(out)
+    return out.to(_work_dtype(out)).softmax(dim=-1)
+
+
+def _block_stats(head_feats, acts, Lc, bandwidth, neuron_chunk):
+    """Per-batch HSIC statistics of one block.
+
+    Returns (head relevance [H], head mean redundancy [H], neuron relevance [M], neuron sum of
+    |activation| [M]) in float64; None entries where the block has no heads / no MLP.
+    """
+    rel_h = red_h = rel_n = abs_n = None
+    n = Lc.shape[-1]
+    norm = float((n - 1) ** 2)
+    Lflat = Lc.reshape(-1)
+    if head_feats is not None:
+        Kh = gaussian_kernel(head_feats, bandwidth)  # [H, n, n]
+        H = Kh.shape[0]
+        rel_h = (Kh.reshape(H, -1) @ Lflat.to(Kh.dtype)) / norm
+        if H > 1:
+            R = hsic_pairwise(Kh)
+            red_h = (R.sum(dim=1) - R.diagonal()) / (H - 1)
+        else:
+            red_h = torch.zeros_like(rel_h)
+        rel_h, red_h = rel_h.double(), red_h.double()
+    if acts is not None:
+        B, N, M = acts.shape
+        a2d = acts.reshape(B * N, M)
+        buf = torch.empty(min(neuron_chunk, M), B * N, dtype=_work_dtype(acts), device=acts.device)
+        rel, mag = [], []
+        for j0 in range(0, M, neuron_chunk):
+            c = min(neuron_chunk, M - j0)
+            x = buf[:c]
+            x.copy_(a2d[:, j0:j0 + c].t())  # the one strided pass: [B*N, c] -> [c, B*N]
+            mag.append(x.abs().sum(dim=1, dtype=torch.float64))
+            x.sub_(x.mean(dim=1, keepdim=True))  # centre each neuron over its n*N values
+            Kn = _kernel_of_centred(x.view(c, B, N), bandwidth)
+            rel.append(((Kn.reshape(c, -1) @ Lflat.to(Kn.dtype)) / norm).double())
+            del Kn
+        rel_n, abs_n = torch.cat(rel), torch.cat(mag)
+    return rel_h, red_h, rel_n, abs_n
+
+
+@torch.no_grad()
+def _hsic_scores(model, parts, loader, num_batches, head_lambda, neuron_alpha, bandwidth,
+                 neuron_chunk, device):
+    nb = len(parts)
+    f64 = dict(dtype=torch.float64, device=device)
+    n_heads = [a.num_heads if a is not None else 0 for a, _ in parts]
+    n_neurons = [m.fc1.out_features if m is not None else 0 for _, m in parts]
+    head_rel = [torch.zeros(h, **f64) for h in n_heads]
+    head_red = [torch.zeros(h, **f64) for h in n_heads]
+    neu_rel = [torch.zeros(m, **f64) for m in n_neurons]
+    neu_abs = [torch.zeros(m, **f64) for m in n_neurons]
+    abs_count = torch.zeros(nb, **f64)
+    batch_count = torch.zeros(1, **f64)
+
+    cap = _Capture(parts)
+    try:
+        for b, batch in enumerate(loader):
+            if b >= num_batches:
+                break
+            images = batch[0] if isinstance(batch, (tuple, list)) else batch
+            images = images.to(device, non_blocking=True)
+            P = _prediction(model(images))
+            if P.shape[0] < 2:  # HSIC is undefined on one sample: skip the batch
+                cap.clear()
+                continue
+            Lc = center_kernel(linear_kernel(P))
+            for i in range(nb):
+                rh, dh, rn, an = _block_stats(cap.heads[i], cap.acts[i], Lc, bandwidth, neuron_chunk)
+                if rh is not None:
+                    head_rel[i] += rh
+                    head_red[i] += dh
+                if rn is not None:
+                    neu_rel[i] += rn
+                    neu_abs[i] += an
+                    abs_count[i] += cap.acts[i].shape[0] * cap.acts[i].shape[1]
+                cap.heads[i] = cap.acts[i] = None  # free this block's activations early
+            batch_count += 1
+    finally:
+        cap.close()
+
+    # One flat vector so a single all_reduce combines every SUM and count across ranks.
+    flat = torch.cat(head_rel + head_red + neu_rel + neu_abs + [abs_count, batch_count])
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    sizes = n_heads + n_heads + n_neurons + n_neurons + [nb, 1]
+    pieces = list(torch.split(flat, sizes))
+    head_rel, head_red = pieces[:nb], pieces[nb:2 * nb]
+    neu_rel, neu_abs = pieces[2 * nb:3 * nb], pieces[3 * nb:4 * nb]
+    abs_count, batch_count = pieces[4 * nb], pieces[4 * nb + 1]
+    nbat = float(batch_count.item())
+    if nbat == 0:
+        raise ValueError("compute_scores saw no batch with at least two images")
+
+    heads, neurons = [], []
+    for i in range(nb):
+        heads.append(((head_rel[i] - head_lambda * head_red[i]) / nbat).cpu())
+        rel = neu_rel[i] / nbat
+        mag = neu_abs[i] / abs_count[i].clamp_min(1.0)
+        neurons.append((neuron_alpha * _minmax(rel) + (1.0 - neuron_alpha) * _minmax(mag)).cpu())
+    return {"heads": heads, "neurons": neurons}
+
+
+def compute_scores(model, loader, num_batches=1, criterion="hsic", head_lambda=0.1,
+                   neuron_alpha=0.1, bandwidth=DEFAULT_BANDWIDTH, neuron_chunk=512, device=None,
+                   seed=0):
+    """Importance of every head and MLP neuron: {"heads": [...], "neurons": [...]}, one 1-D float64
+    CPU tensor per entry of model.blocks (empty where a block has no Attention / Mlp); higher means
+    more important.
+
+    criterion="hsic": the dependency criterion (module docstring), from the first num_batches
+        batches of loader ((images, targets) pairs; targets are ignored), in eval mode under
+        no_grad; the modules' train/eval flags are restored and every hook removed afterwards.
+    criterion="magnitude": weight magnitudes (see _magnitude_scores); loader is not used.
+    criterion="random": uniform scores from torch.Generator seeded with `seed` (same on all ranks).
+    """
+    if criterion not in CRITERIA:
+        raise ValueError(f"unknown criterion {criterion!r}; expected one of {CRITERIA}")
+    model = _unwrap(model)
+    parts = _block_parts(model)
+    if criterion == "magnitude":
+        return _magnitude_scores(parts)
+    if criterion == "random":
+        return _random_scores(parts, seed)
+    if bandwidth not in BANDWIDTHS:
+        raise ValueError(f"unknown bandwidth {bandwidth!r}; expected one of {BANDWIDTHS}")
+    if int(neuron_chunk) < 1:
+        raise ValueError("neuron_chunk must be >= 1")
+    device = torch.device(device) if device is not None else _model_device(model)
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        return _hsic_scores(model, parts, loader, int(num_batches), float(head_lambda),
+                            float(neuron_alpha), bandwidth, int(neuron_chunk), device)
+    finally:
+        for m, was_training in modes.items():
+            m.training = was_training
+
+
+def rank_components(scores):
+    """Scores -> {"heads": [[idx, least important first] per block], "neurons": [...]} as plain
+    lists of ints. Stable ascending sort: among equal scores the lower index comes first."""
+    out = {}
+    for key in ("heads", "neurons"):
+        out[key] = [
+            [int(i) for i in torch.sort(torch.as_tensor(s, dtype=torch.float64).cpu(), stable=True).indices]
+            for s in scores[key]
+        ]
+    return out
+
+
+def rank_model(model, loader, **kwargs):
+    """rank_components(compute_scores(model, loader, **kwargs))."""
+    return rank_components(compute_scores(model, loader, **kwargs))
