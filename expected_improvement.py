@@ -319,12 +319,14 @@ class GPEI:
 
     def __init__(self, dim, sampler, n_init, seed=0, pool_size=10000, xi=0.01, refine=True,
                  mode="ei", n_restarts=0, ard=True, blas_threads=1, refine_top=5,
-                 refine_per_point=200):
+                 refine_per_point=200, refit_every=5):
         if mode not in ("ei", "random"):
             raise ValueError(f"mode must be 'ei' or 'random', got {mode!r}")
         if int(dim) != sampler.dim:
             raise ValueError(f"dim {dim} does not match the sampler's {sampler.dim}")
         self.dim = int(dim)
+        self.refit_every = max(1, int(refit_every))
+        self._hyper = None  # (number of observations the hyperparameters were fitted on, kernel)
         self.sampler = sampler
         self.n_init = max(1, int(n_init))
         self.seed = int(seed)
@@ -413,16 +415,27 @@ class GPEI:
                   * Matern(length_scale=np.full(d, 0.5) if self.ard else 0.5,
                            length_scale_bounds=(1e-2, 1e2), nu=2.5)
                   + WhiteKernel(1e-2, (1e-6, 1.0)))
-        gp = GaussianProcessRegressor(kernel=kernel, normalize_y=True,
-                                      n_restarts_optimizer=self.n_restarts,
-                                      random_state=int(rng.integers(2 ** 31 - 1)))
+        seed = int(rng.integers(2 ** 31 - 1))
         if X.shape[1] == 0:
             X = np.zeros((X.shape[0], 1))
+        # Kernel hyperparameters are optimised on the first m observations, m stepping by
+        # refit_every past the initial population; between refits the GP reuses them (a fit
+        # without optimisation is a single Cholesky). m depends only on the number of
+        # observations, so replaying a log (resume) gives the same GP as an unbroken run.
+        n = X.shape[0]
+        m = n if n <= self.n_init else self.n_init + (n - self.n_init) // self.refit_every * self.refit_every
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
+            if self._hyper is None or self._hyper[0] != m:
+                tuned = GaussianProcessRegressor(kernel=kernel, normalize_y=True,
+                                                 n_restarts_optimizer=self.n_restarts, random_state=seed)
+                tuned.fit(X[:m], y[:m])
+                self._hyper = (m, tuned.kernel_)
+            gp = GaussianProcessRegressor(kernel=self._hyper[1], normalize_y=True, optimizer=None)
             gp.fit(X, y)
         # Predict the latent function, not a noisy observation: EI then vanishes at points
         # already measured when the fitted noise is small, as it should.
+        gp.kernel_ = gp.kernel_.clone_with_theta(gp.kernel_.theta)
         gp.kernel_.k2.noise_level = 0.0
         return gp
 

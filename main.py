@@ -28,12 +28,12 @@ RECIPES = {
                   warmup_epochs=5, cooldown_epochs=10, min_lr=1e-5, weight_decay=0.05, drop_path=0.1,
                   aa="rand-m9-mstd0.5-inc1", smoothing=0.1, reprob=0.25, mixup=0.8, cutmix=1.0,
                   repeated_aug=True, model_ema=True, num_workers=10, finetune_epochs=30, finetune_lr=5e-5,
-                  search_epoch=100, search_population=100, criterion_batches=4),
+                  search_epoch=100, search_population=100, criterion_batches=4, search_pool=10000),
     "DIGITS": dict(model="vit_nano_patch4_32", input_size=32, epochs=30, batch_size=64, lr=1e-2,
                    warmup_epochs=2, cooldown_epochs=0, min_lr=1e-5, weight_decay=0.05, drop_path=0.0,
                    aa="none", smoothing=0.1, reprob=0.0, mixup=0.0, cutmix=0.0,
-                   repeated_aug=False, model_ema=False, num_workers=0, finetune_epochs=15, finetune_lr=2e-3,
-                   search_epoch=30, search_population=20, criterion_batches=4),
+                   repeated_aug=False, model_ema=False, num_workers=0, finetune_epochs=30, finetune_lr=2e-3,
+                   search_epoch=30, search_population=20, criterion_batches=4, search_pool=1000),
 }
 RECIPE_KEYS = tuple(RECIPES["IMAGE"])
 
@@ -161,7 +161,8 @@ def get_args_parser():
     g.add_argument("--search-max-ratio", type=float, default=0.5, help="upper bound of every removal ratio")
     g.add_argument("--search-tol", type=float, default=0.02, help="relative FLOPs tolerance of a feasible policy")
     g.add_argument("--search-mode", default="ei", choices=["ei", "random"], help="ei, or the random-search baseline")
-    g.add_argument("--search-pool", type=int, default=5000, help="feasible candidates scored by EI per step")
+    g.add_argument("--search-pool", type=int, default=None,
+                   help="fresh feasible candidates scored by EI per step (IMNET: 10000, DIGITS: 1000)")
     g.add_argument("--search-holdout", default=None,
                    help="search split held out of the training set: images (int) or a fraction "
                         "(default: 20%% of the training set, at most 10000 images)")
@@ -187,13 +188,13 @@ def get_args_parser():
     g.add_argument("--token_sparsity", "--token-sparsity", dest="token_sparsity", type=float, default=None,
                    help="token-removal rate r (keep (1-r)^k at the k-th reduction)")
     g.add_argument("--policy", default="", help="policy JSON (default: output_dir/search/best_policy.json)")
-    g.add_argument("--finetune-epochs", type=int, default=None, help="finetuning epochs (IMNET: 30, DIGITS: 15)")
+    g.add_argument("--finetune-epochs", type=int, default=None, help="finetuning epochs (IMNET: 30, DIGITS: 30)")
     g.add_argument("--finetune-lr", type=float, default=None, help="finetuning base lr (IMNET: 5e-5, DIGITS: 2e-3)")
 
     g = p.add_argument_group("pipeline")
     g.add_argument("--pipeline", action="store_true",
                    help="pretrain, search and prune+finetune in one run, then print a dense-vs-compressed table")
-    g.add_argument("--pipeline-reductions", default="0.4",
+    g.add_argument("--pipeline-reductions", default="0.4,0.6",
                    help="comma-separated FLOPs reductions to search and finetune, e.g. 0.4,0.6")
     return p
 
@@ -677,8 +678,12 @@ def run_search(ctx):
         utils.write_json_atomic(os.path.join(out, "rankings.json"), rankings)
 
     total = args.search_population + args.search_epoch
-    search = ei.GPEI(2 * depth + 1, sampler, n_init=args.search_population, seed=args.seed,
-                     pool_size=args.search_pool, mode=args.search_mode)
+    def new_search():
+        # local refinement scores 2 x 5 x pool/20 candidates: together about as many as the pool
+        return ei.GPEI(2 * depth + 1, sampler, n_init=args.search_population, seed=args.seed,
+                       pool_size=args.search_pool, mode=args.search_mode,
+                       refine_per_point=max(20, args.search_pool // 20))
+    search = new_search()
     header = {"target_gmacs": target, "seed": args.seed, "mode": args.search_mode, "criterion": args.criterion,
               "active": active.tolist(), "max_ratio": args.search_max_ratio, "tol": args.search_tol}
     records = []
@@ -697,8 +702,7 @@ def run_search(ctx):
                 f.writelines(json.dumps(r) + "\n" for r in records)
     records = utils.broadcast_object(records)
     if ctx.rank != 0:
-        search = ei.GPEI(2 * depth + 1, sampler, n_init=args.search_population, seed=args.seed,
-                         pool_size=args.search_pool, mode=args.search_mode)
+        search = new_search()
         for rec in records:
             search.tell(np.asarray(rec["x"]), rec["acc1"])
 
