@@ -889,7 +889,7 @@ def _sub_context(ctx, out, **overrides):
     return sub
 
 
-def measure_speed(ctx, path, batch, repeats=7):
+def measure_speed(ctx, path, batch, repeats=15):
     """Images/s of each model file, interleaved over rounds so machine noise hits all alike."""
     import statistics
     import engine
