@@ -44,6 +44,8 @@ __all__ = [
     "compute_scores",
     "rank_components",
     "rank_model",
+    "hsic_statistics",
+    "scores_from_statistics",
 ]
 
 # Bandwidths of the original's multi-scale Gaussian kernel (on standardised features).
@@ -89,32 +91,42 @@ def hsic_pairwise(K):
     return (Kc @ K.reshape(C, n * n).transpose(0, 1)) / (n - 1) ** 2
 
 
-def _kernel_of_centred(x, bandwidth):
+def _kernel_of_centred(x, bandwidth, triu=None):
     """Gaussian kernels of x [C, n, d], contiguous, each component already centred (its n*d values
-    have mean 0; centring leaves distances unchanged but keeps the Gram-based ones accurate)."""
+    have mean 0; centring leaves distances unchanged but keeps the Gram-based ones accurate).
+
+    Returns [C, n, n]; with triu (torch.triu_indices(n, n, 1)) only the strict upper triangles,
+    [C, n(n-1)/2] (the diagonal is exactly 1), which halves the exponentials.
+    """
     C, n, d = x.shape
     sq = (x * x).sum(dim=-1)  # [C, n]
     D = torch.baddbmm(sq.unsqueeze(-1) + sq.unsqueeze(-2), x, x.transpose(-2, -1), alpha=-2.0)
     D.clamp_min_(0.0)
     D.diagonal(dim1=-2, dim2=-1).zero_()
+    iu = triu if triu is not None else torch.triu_indices(n, n, offset=1, device=D.device)
     if bandwidth == "multi":
         # Standardising (x - mean) / std only rescales squared distances by 1 / var, and with x
         # centred var is sum(sq) / (n d): fold 1 / (var d) into the distances instead.
         var = sq.sum(dim=-1) / (n * d)
-        D.mul_((1.0 / (var.clamp_min(_EPS * _EPS) * d)).view(C, 1, 1))
+        scale = (1.0 / (var.clamp_min(_EPS * _EPS) * d)).view(C, 1, 1)
+        if triu is not None:
+            D = D[:, iu[0], iu[1]].unsqueeze(1)
+        D.mul_(scale)
         K = torch.zeros_like(D)
         tmp = torch.empty_like(D)
         for sigma in MULTI_SIGMAS:  # 5 fixed scales, each one batched op over all components
             torch.mul(D, -0.5 / (sigma * sigma), out=tmp)
             K.add_(tmp.exp_())
-        return K.mul_(1.0 / len(MULTI_SIGMAS))
+        K.mul_(1.0 / len(MULTI_SIGMAS))
+        return K.squeeze(1) if triu is not None else K
     if bandwidth == "median":
-        if n < 2:
-            return torch.ones_like(D)
-        iu = torch.triu_indices(n, n, offset=1, device=D.device)
-        med = D[:, iu[0], iu[1]].median(dim=1).values
+        U = D[:, iu[0], iu[1]]
+        med = _lower_median(U).to(D.device) if n > 1 else torch.ones(C, dtype=D.dtype, device=D.device)
         tiny = torch.finfo(D.dtype).tiny
-        return D.mul_((-0.5 / med.clamp_min(tiny)).view(C, 1, 1)).exp_()
+        scale = (-0.5 / med.clamp_min(tiny))
+        if triu is not None:
+            return U.mul_(scale.view(C, 1)).exp_()
+        return D.mul_(scale.view(C, 1, 1)).exp_()
     raise ValueError(f"unknown bandwidth {bandwidth!r}; expected one of {BANDWIDTHS}")
 
 
@@ -231,18 +243,69 @@ def _random_scores(parts, seed):
     return {"heads": heads, "neurons": neurons}
 
 
-class _Capture:
-    """Forward hooks on attn.proj / mlp.fc2 that keep what the criterion needs from one batch.
+def _lower_median(U):
+    """Lower median of each row of U [C, m] (torch.median's convention). On the CPU numpy's
+    introselect (np.partition) is about twice as fast as torch.median and returns the same value."""
+    k = (U.shape[1] - 1) // 2
+    if U.device.type == "cpu":
+        import numpy as np
+        return torch.from_numpy(np.partition(U.numpy(), k, axis=1)[:, k].copy())
+    return U.median(dim=1).values
 
-    Per block it stores the per-head features [H, B, N] (small) and a reference to the fc2 input
-    [B, N, hidden] (the activation tensor itself, no copy; all blocks' activations stay alive until
-    the batch is scored: 12 x 128 x 197 x 3072 x 4 B = 3.7 GB for DeiT-B at batch 128, fp32).
+
+def _neuron_kernels(acts, bandwidth, neuron_chunk):
+    """Upper triangles of the Gaussian kernels of every neuron of one block.
+
+    acts [B, N, M] (the input of fc2) -> (Ku [M, B(B-1)/2] in the work dtype, the strict upper
+    triangle of each neuron's kernel in torch.triu_indices order; sum |activation| [M], float64).
+    The diagonal of a Gaussian kernel is exactly 1 (distances are zeroed there), so the upper
+    triangle is all HSIC with a symmetric L needs (see _relevance), and it is what is kept between
+    the forward hook and the prediction: B(B-1)/2 values per neuron instead of B*N activations.
+    """
+    B, N, M = acts.shape
+    a2d = acts.reshape(B * N, M)
+    chunk = min(int(neuron_chunk), M)
+    buf = torch.empty(chunk, B * N, dtype=_work_dtype(acts), device=acts.device)
+    iu = torch.triu_indices(B, B, offset=1, device=acts.device)
+    Ku = torch.empty(M, iu.shape[1], dtype=buf.dtype, device=acts.device)
+    mag = torch.empty(M, dtype=torch.float64, device=acts.device)
+    tile = 256  # rows per tile of the transposing copy (cache-sized tiles: ~3x a plain strided copy)
+    for j0 in range(0, M, chunk):
+        c = min(chunk, M - j0)
+        x = buf[:c]
+        src = a2d[:, j0:j0 + c]
+        for r0 in range(0, B * N, tile):
+            x[:, r0:r0 + tile].copy_(src[r0:r0 + tile].t())  # neuron-first layout [c, B*N]
+        mag[j0:j0 + c] = torch.linalg.vector_norm(x, 1, dim=1, dtype=torch.float64)
+        x.sub_(x.mean(dim=1, keepdim=True))  # centre each neuron over its B*N values
+        Ku[j0:j0 + c] = _kernel_of_centred(x.view(c, B, N), bandwidth, triu=iu)
+    return Ku, mag
+
+
+def _relevance(Ku, Lc, norm):
+    """HSIC of upper-triangle kernels Ku [C, n(n-1)/2] (unit diagonal) with the centred L:
+    sum_ij K_ij Lc_ij = 2 sum_{i<j} K_ij Lc_ij + trace(Lc)."""
+    n = Lc.shape[-1]
+    iu = torch.triu_indices(n, n, offset=1, device=Lc.device)
+    Lu = Lc[iu[0], iu[1]].to(Ku.dtype)
+    return ((2.0 * (Ku @ Lu) + torch.trace(Lc).to(Ku.dtype)) / norm).double()
+
+
+class _Capture:
+    """Forward hooks on attn.proj / mlp.fc2 that turn one batch's internals into kernels at once.
+
+    Per block and batch it keeps the heads' kernel matrices [H, n, n] with their pairwise HSIC
+    [H, H] (neither depends on the prediction), and the upper triangles of the neurons' kernels
+    [M, n(n-1)/2] with their sums of |activation|. Only the prediction-dependent products are left
+    for after the forward. Peak memory is therefore 12 x M x n(n-1)/2 floats rather than every
+    block's fc2 input (12 x n x N x M): for DeiT-B at batch 128, 1.2 GB instead of 3.7 GB.
     The hooks are removed by close(), which compute_scores calls in a finally block.
     """
 
-    def __init__(self, parts):
-        self.heads = [None] * len(parts)
-        self.acts = [None] * len(parts)
+    def __init__(self, parts, bandwidth, neuron_chunk):
+        self.bandwidth, self.neuron_chunk = bandwidth, neuron_chunk
+        self.heads = [None] * len(parts)    # (Kh [H, n, n], R [H, H])
+        self.neurons = [None] * len(parts)  # (Ku [M, n(n-1)/2], sum|a| [M], count)
         self._handles = []
         for i, (attn, mlp) in enumerate(parts):
             if attn is not None:
@@ -252,17 +315,25 @@ class _Capture:
 
     def _head_hook(self, i, attn):
         def hook(module, inputs, output):
-            self.heads[i] = _head_features(inputs[0], attn.num_heads)
+            x = inputs[0]
+            if x.shape[0] < 2:
+                return
+            Kh = gaussian_kernel(_head_features(x, attn.num_heads), self.bandwidth)
+            self.heads[i] = (Kh, hsic_pairwise(Kh))
         return hook
 
     def _neuron_hook(self, i):
         def hook(module, inputs, output):
-            self.acts[i] = inputs[0]
+            a = inputs[0]
+            if a.shape[0] < 2:
+                return
+            Ku, mag = _neuron_kernels(a, self.bandwidth, self.neuron_chunk)
+            self.neurons[i] = (Ku, mag, a.shape[0] * a.shape[1])
         return hook
 
     def clear(self):
         self.heads = [None] * len(self.heads)
-        self.acts = [None] * len(self.acts)
+        self.neurons = [None] * len(self.neurons)
 
     def close(self):
         for h in self._handles:
@@ -277,59 +348,48 @@ def _prediction(out):
     return out.to(_work_dtype(out)).softmax(dim=-1)
 
 
+def _head_stats(Kh, R, Lc):
+    """(relevance [H], mean redundancy [H], self-dependence HSIC(K_h, K_h) [H]), float64."""
+    n = Lc.shape[-1]
+    H = Kh.shape[0]
+    rel = (Kh.reshape(H, -1) @ Lc.reshape(-1).to(Kh.dtype)) / float((n - 1) ** 2)
+    red = (R.sum(dim=1) - R.diagonal()) / (H - 1) if H > 1 else torch.zeros_like(rel)
+    return rel.double(), red.double(), R.diagonal().double()
+
+
 def _block_stats(head_feats, acts, Lc, bandwidth, neuron_chunk):
-    """Per-batch HSIC statistics of one block.
+    """Per-batch HSIC statistics of one block from its captured internals (what the hooks and the
+    post-forward step of compute_scores do, in one call; used by the benchmark).
 
     Returns (head relevance [H], head mean redundancy [H], neuron relevance [M], neuron sum of
     |activation| [M]) in float64; None entries where the block has no heads / no MLP.
     """
     rel_h = red_h = rel_n = abs_n = None
     n = Lc.shape[-1]
-    norm = float((n - 1) ** 2)
-    Lflat = Lc.reshape(-1)
     if head_feats is not None:
-        Kh = gaussian_kernel(head_feats, bandwidth)  # [H, n, n]
-        H = Kh.shape[0]
-        rel_h = (Kh.reshape(H, -1) @ Lflat.to(Kh.dtype)) / norm
-        if H > 1:
-            R = hsic_pairwise(Kh)
-            red_h = (R.sum(dim=1) - R.diagonal()) / (H - 1)
-        else:
-            red_h = torch.zeros_like(rel_h)
-        rel_h, red_h = rel_h.double(), red_h.double()
+        Kh = gaussian_kernel(head_feats, bandwidth)
+        rel_h, red_h, _ = _head_stats(Kh, hsic_pairwise(Kh), Lc)
     if acts is not None:
-        B, N, M = acts.shape
-        a2d = acts.reshape(B * N, M)
-        buf = torch.empty(min(neuron_chunk, M), B * N, dtype=_work_dtype(acts), device=acts.device)
-        rel, mag = [], []
-        for j0 in range(0, M, neuron_chunk):
-            c = min(neuron_chunk, M - j0)
-            x = buf[:c]
-            x.copy_(a2d[:, j0:j0 + c].t())  # the one strided pass: [B*N, c] -> [c, B*N]
-            mag.append(x.abs().sum(dim=1, dtype=torch.float64))
-            x.sub_(x.mean(dim=1, keepdim=True))  # centre each neuron over its n*N values
-            Kn = _kernel_of_centred(x.view(c, B, N), bandwidth)
-            rel.append(((Kn.reshape(c, -1) @ Lflat.to(Kn.dtype)) / norm).double())
-            del Kn
-        rel_n, abs_n = torch.cat(rel), torch.cat(mag)
+        Ku, abs_n = _neuron_kernels(acts, bandwidth, neuron_chunk)
+        rel_n = _relevance(Ku, Lc, float((n - 1) ** 2))
     return rel_h, red_h, rel_n, abs_n
 
 
+_STAT_KEYS = ("head_rel", "head_red", "head_self", "neuron_rel", "neuron_abs")
+
+
 @torch.no_grad()
-def _hsic_scores(model, parts, loader, num_batches, head_lambda, neuron_alpha, bandwidth,
-                 neuron_chunk, device):
+def _hsic_statistics(model, parts, loader, num_batches, bandwidth, neuron_chunk, device):
     nb = len(parts)
     f64 = dict(dtype=torch.float64, device=device)
     n_heads = [a.num_heads if a is not None else 0 for a, _ in parts]
     n_neurons = [m.fc1.out_features if m is not None else 0 for _, m in parts]
-    head_rel = [torch.zeros(h, **f64) for h in n_heads]
-    head_red = [torch.zeros(h, **f64) for h in n_heads]
-    neu_rel = [torch.zeros(m, **f64) for m in n_neurons]
-    neu_abs = [torch.zeros(m, **f64) for m in n_neurons]
+    acc = {k: [torch.zeros(h, **f64) for h in n_heads] for k in _STAT_KEYS[:3]}
+    acc.update({k: [torch.zeros(m, **f64) for m in n_neurons] for k in _STAT_KEYS[3:]})
     abs_count = torch.zeros(nb, **f64)
     batch_count = torch.zeros(1, **f64)
 
-    cap = _Capture(parts)
+    cap = _Capture(parts, bandwidth, neuron_chunk)
     try:
         for b, batch in enumerate(loader):
             if b >= num_batches:
@@ -341,45 +401,86 @@ def _hsic_scores(model, parts, loader, num_batches, head_lambda, neuron_alpha, b
                 cap.clear()
                 continue
             Lc = center_kernel(linear_kernel(P))
+            norm = float((P.shape[0] - 1) ** 2)
             for i in range(nb):
-                rh, dh, rn, an = _block_stats(cap.heads[i], cap.acts[i], Lc, bandwidth, neuron_chunk)
-                if rh is not None:
-                    head_rel[i] += rh
-                    head_red[i] += dh
-                if rn is not None:
-                    neu_rel[i] += rn
-                    neu_abs[i] += an
-                    abs_count[i] += cap.acts[i].shape[0] * cap.acts[i].shape[1]
-                cap.heads[i] = cap.acts[i] = None  # free this block's activations early
+                if cap.heads[i] is not None:
+                    rh, dh, sh = _head_stats(*cap.heads[i], Lc)
+                    acc["head_rel"][i] += rh
+                    acc["head_red"][i] += dh
+                    acc["head_self"][i] += sh
+                if cap.neurons[i] is not None:
+                    Ku, mag, cnt = cap.neurons[i]
+                    acc["neuron_rel"][i] += _relevance(Ku, Lc, norm)
+                    acc["neuron_abs"][i] += mag
+                    abs_count[i] += cnt
+                cap.heads[i] = cap.neurons[i] = None  # free this block's kernels early
             batch_count += 1
     finally:
         cap.close()
 
     # One flat vector so a single all_reduce combines every SUM and count across ranks.
-    flat = torch.cat(head_rel + head_red + neu_rel + neu_abs + [abs_count, batch_count])
+    flat = torch.cat([t for k in _STAT_KEYS for t in acc[k]] + [abs_count, batch_count])
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    sizes = n_heads + n_heads + n_neurons + n_neurons + [nb, 1]
+    sizes = n_heads * 3 + n_neurons * 2 + [nb, 1]
     pieces = list(torch.split(flat, sizes))
-    head_rel, head_red = pieces[:nb], pieces[nb:2 * nb]
-    neu_rel, neu_abs = pieces[2 * nb:3 * nb], pieces[3 * nb:4 * nb]
-    abs_count, batch_count = pieces[4 * nb], pieces[4 * nb + 1]
-    nbat = float(batch_count.item())
+    nbat = float(pieces[-1].item())
     if nbat == 0:
         raise ValueError("compute_scores saw no batch with at least two images")
+    abs_count = pieces[-2]
+    stats = {}
+    for j, k in enumerate(_STAT_KEYS):
+        stats[k] = [p.cpu() for p in pieces[j * nb:(j + 1) * nb]]
+    stats["neuron_abs"] = [(s / abs_count[i].clamp_min(1.0).cpu()) for i, s in enumerate(stats["neuron_abs"])]
+    for k in _STAT_KEYS[:4]:
+        stats[k] = [s / nbat for s in stats[k]]
+    stats["batches"] = int(nbat)
+    return stats
 
+
+def hsic_statistics(model, loader, num_batches=1, bandwidth=DEFAULT_BANDWIDTH, neuron_chunk=512,
+                    device=None):
+    """The raw, batch-averaged (and all-reduced) HSIC statistics of every block, as float64 CPU
+    tensors: head_rel (HSIC of each head with the prediction), head_red (mean HSIC with the other
+    heads of the block), head_self (HSIC of the head's kernel with itself), neuron_rel (HSIC of
+    each neuron with the prediction), neuron_abs (mean |activation|). scores_from_statistics turns
+    them into scores, so weights can be varied without running the model again."""
+    if bandwidth not in BANDWIDTHS:
+        raise ValueError(f"unknown bandwidth {bandwidth!r}; expected one of {BANDWIDTHS}")
+    if int(neuron_chunk) < 1:
+        raise ValueError("neuron_chunk must be >= 1")
+    model = _unwrap(model)
+    parts = _block_parts(model)
+    device = torch.device(device) if device is not None else _model_device(model)
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        return _hsic_statistics(model, parts, loader, int(num_batches), bandwidth, int(neuron_chunk), device)
+    finally:
+        for m, was_training in modes.items():
+            m.training = was_training
+
+
+def scores_from_statistics(stats, head_lambda=0.1, neuron_alpha=0.1, head_normalize=False):
+    """Head and neuron scores (see the module docstring) from hsic_statistics.
+
+    head_normalize=True uses normalised HSIC for heads: relevance / sqrt(HSIC(K_h, K_h)) and
+    redundancy / sqrt(HSIC(K_h, K_h)) (HSIC(L, L) is common to all heads and dropped), so a head
+    whose kernel merely varies more does not look more relevant and more redundant at once.
+    """
     heads, neurons = [], []
-    for i in range(nb):
-        heads.append(((head_rel[i] - head_lambda * head_red[i]) / nbat).cpu())
-        rel = neu_rel[i] / nbat
-        mag = neu_abs[i] / abs_count[i].clamp_min(1.0)
-        neurons.append((neuron_alpha * _minmax(rel) + (1.0 - neuron_alpha) * _minmax(mag)).cpu())
+    for rel, red, self_, nrel, nabs in zip(*(stats[k] for k in _STAT_KEYS)):
+        if head_normalize:
+            s = self_.clamp_min(_EPS).sqrt()
+            rel, red = rel / s, red / s
+        heads.append(rel - head_lambda * red)
+        neurons.append(neuron_alpha * _minmax(nrel) + (1.0 - neuron_alpha) * _minmax(nabs))
     return {"heads": heads, "neurons": neurons}
 
 
 def compute_scores(model, loader, num_batches=1, criterion="hsic", head_lambda=0.1,
                    neuron_alpha=0.1, bandwidth=DEFAULT_BANDWIDTH, neuron_chunk=512, device=None,
-                   seed=0):
+                   seed=0, head_normalize=False):
     """Importance of every head and MLP neuron: {"heads": [...], "neurons": [...]}, one 1-D float64
     CPU tensor per entry of model.blocks (empty where a block has no Attention / Mlp); higher means
     more important.
@@ -398,19 +499,8 @@ def compute_scores(model, loader, num_batches=1, criterion="hsic", head_lambda=0
         return _magnitude_scores(parts)
     if criterion == "random":
         return _random_scores(parts, seed)
-    if bandwidth not in BANDWIDTHS:
-        raise ValueError(f"unknown bandwidth {bandwidth!r}; expected one of {BANDWIDTHS}")
-    if int(neuron_chunk) < 1:
-        raise ValueError("neuron_chunk must be >= 1")
-    device = torch.device(device) if device is not None else _model_device(model)
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        return _hsic_scores(model, parts, loader, int(num_batches), float(head_lambda),
-                            float(neuron_alpha), bandwidth, int(neuron_chunk), device)
-    finally:
-        for m, was_training in modes.items():
-            m.training = was_training
+    stats = hsic_statistics(model, loader, num_batches, bandwidth, neuron_chunk, device)
+    return scores_from_statistics(stats, float(head_lambda), float(neuron_alpha), head_normalize)
 
 
 def rank_components(scores):

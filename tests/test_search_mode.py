@@ -42,9 +42,11 @@ def test_every_evaluated_policy_meets_the_budget(dense_ckpt, tmp_path):
     dims = pruning.model_dims(dense)
     rankings = json.loads((out / "search" / "rankings.json").read_text())
     target = log[0]["search"]["target_gmacs"]
+    round_to = json.loads((out / "search" / "best_policy.json").read_text())["round_to"]
+    assert round_to == 8  # the default: neuron counts at multiples of 8
     assert target == pytest.approx(0.6 * flops.model_macs(dense)["macs"] / 1e9)
     for rec in log:
-        spec = pruning.policy_to_spec(rec["policy"], rankings, dims)
+        spec = pruning.policy_to_spec(rec["policy"], rankings, dims, round_to=round_to)
         model, _ = models.load_model_file(str(dense_ckpt))
         pruning.apply_spec(model, spec)
         gmacs = flops.model_macs(model)["macs"] / 1e9
