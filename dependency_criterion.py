@@ -53,6 +53,9 @@ MULTI_SIGMAS = (1.0, 2.0, 4.0, 8.0, 16.0)
 CRITERIA = ("hsic", "magnitude", "random")
 BANDWIDTHS = ("multi", "median")
 DEFAULT_BANDWIDTH = "median"
+DEFAULT_HEAD_LAMBDA = 0.1
+DEFAULT_NEURON_ALPHA = 0.1
+DEFAULT_HEAD_NORMALIZE = False
 _EPS = 1e-12
 
 

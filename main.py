@@ -204,6 +204,8 @@ def resolve_defaults(args):
     if args.data_set is None:
         args.data_set = "IMNET" if args.data_path else "DIGITS"
     recipe = RECIPES["DIGITS" if args.data_set == "DIGITS" else "IMAGE"]
+    if args.input_size is None and args.model is not None and args.model != recipe["model"]:
+        args.input_size = native_input_size(args.model)
     for key in RECIPE_KEYS:
         if hasattr(args, key) and getattr(args, key) is None:
             setattr(args, key, recipe[key])
@@ -214,6 +216,21 @@ def resolve_defaults(args):
     if args.data_set == "CIFAR":
         args.data_set = "CIFAR100"
     return args
+
+
+def native_input_size(name):
+    """The image size a model was defined for (a preset's img_size, timm's pretrained config)."""
+    import models
+    if name in models.PRESETS:
+        return models.PRESETS[name]["img_size"]
+    try:
+        import timm
+        cfg = timm.models.get_pretrained_cfg(name)
+        if cfg is not None and cfg.input_size:
+            return int(cfg.input_size[-1])
+    except (RuntimeError, ValueError, AttributeError):
+        pass
+    return 224
 
 
 def check_args(args):

@@ -51,7 +51,7 @@ def ref_minmax(v):
     return (v - v.min()) / (v.max() - v.min())
 
 
-def ref_scores(model, batches, bandwidth, lam, alpha):
+def ref_scores(model, batches, bandwidth, lam, alpha, normalize=False):
     """Per-component loop over captured internals of a float64 model."""
     model.eval()
     attns = [b.attn for b in model.blocks]
@@ -64,6 +64,7 @@ def ref_scores(model, batches, bandwidth, lam, alpha):
     depth = len(model.blocks)
     rel_h = [0.0] * depth
     red_h = [0.0] * depth
+    self_h = [0.0] * depth
     rel_n = [0.0] * depth
     abs_n = [0.0] * depth
     count = [0] * depth
@@ -83,6 +84,7 @@ def ref_scores(model, batches, bandwidth, lam, alpha):
                     sum(ref_hsic(Ks[h], Ks[g]) for g in range(H) if g != h) / (H - 1) for h in range(H)])
                 rel_h[j] = rel_h[j] + rel
                 red_h[j] = red_h[j] + red
+                self_h[j] = self_h[j] + torch.stack([ref_hsic(K, K) for K in Ks])
                 a = store[("n", j)]
                 rel_n[j] = rel_n[j] + torch.stack(
                     [ref_hsic(ref_kernel(a[:, :, m], bandwidth), L) for m in range(a.shape[-1])])
@@ -91,7 +93,10 @@ def ref_scores(model, batches, bandwidth, lam, alpha):
     for h in hs:
         h.remove()
     nb = len(batches)
-    heads = [(rel_h[j] - lam * red_h[j]) / nb for j in range(depth)]
+    if normalize:  # normalised HSIC: divide relevance and redundancy by sqrt(HSIC(K_h, K_h))
+        heads = [(rel_h[j] - lam * red_h[j]) / (self_h[j] / nb).sqrt() / nb for j in range(depth)]
+    else:
+        heads = [(rel_h[j] - lam * red_h[j]) / nb for j in range(depth)]
     neurons = [alpha * ref_minmax(rel_n[j] / nb) + (1 - alpha) * ref_minmax(abs_n[j] / count[j])
                for j in range(depth)]
     return heads, neurons
@@ -176,18 +181,44 @@ def test_planted_informative_heads_rank_first(bandwidth):
 
 # ---------------------------------------------------------------- whole model against the loop
 
-@pytest.mark.parametrize("bandwidth", ["multi", "median"])
-def test_model_scores_match_reference_loop(bandwidth):
+@pytest.mark.parametrize("bandwidth,normalize", [("multi", False), ("median", False), ("median", True)])
+def test_model_scores_match_reference_loop(bandwidth, normalize):
     torch.manual_seed(0)
     model = tiny_vit(depth=2, mlp_ratio=1.0).double()
     batches = make_batches(2, 8, dtype=torch.float64)
     got = dc.compute_scores(model, batches, num_batches=2, bandwidth=bandwidth, head_lambda=0.3,
-                            neuron_alpha=0.4, neuron_chunk=7)
-    want_h, want_n = ref_scores(model, batches, bandwidth, 0.3, 0.4)
+                            neuron_alpha=0.4, neuron_chunk=7, head_normalize=normalize)
+    want_h, want_n = ref_scores(model, batches, bandwidth, 0.3, 0.4, normalize)
     assert len(got["heads"]) == len(got["neurons"]) == 2
     for j in range(2):
         torch.testing.assert_close(got["heads"][j], want_h[j], rtol=1e-8, atol=1e-12)
         torch.testing.assert_close(got["neurons"][j], want_n[j], rtol=1e-8, atol=1e-12)
+
+
+def test_statistics_then_scores_equal_compute_scores():
+    torch.manual_seed(0)
+    model = tiny_vit(depth=2)
+    batches = make_batches(2, 8)
+    stats = dc.hsic_statistics(model, batches, num_batches=2, bandwidth="multi")
+    assert stats["batches"] == 2
+    for lam, alpha, norm in [(0.1, 0.1, False), (0.5, 1.0, True)]:
+        a = dc.scores_from_statistics(stats, lam, alpha, norm)
+        b = dc.compute_scores(model, batches, num_batches=2, bandwidth="multi", head_lambda=lam,
+                              neuron_alpha=alpha, head_normalize=norm)
+        for x, y in zip(a["heads"] + a["neurons"], b["heads"] + b["neurons"]):
+            torch.testing.assert_close(x, y)
+
+
+@pytest.mark.parametrize("bandwidth", ["multi", "median"])
+def test_upper_triangle_kernels_match_full(bandwidth):
+    g = torch.Generator().manual_seed(3)
+    acts = torch.randn(9, 5, 13, generator=g, dtype=torch.float64).abs()
+    Ku, mag = dc._neuron_kernels(acts, bandwidth, neuron_chunk=4)
+    K = dc.gaussian_kernel(acts.permute(2, 0, 1), bandwidth)
+    iu = torch.triu_indices(9, 9, 1)
+    torch.testing.assert_close(Ku, K[:, iu[0], iu[1]], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(K.diagonal(dim1=-2, dim2=-1), torch.ones(13, 9, dtype=torch.float64))
+    torch.testing.assert_close(mag, acts.abs().sum(dim=(0, 1)))
 
 
 def test_float32_model_close_to_float64():

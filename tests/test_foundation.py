@@ -258,3 +258,10 @@ def test_imagefolder_training(tmp_path):
 def test_cifar_without_files_asks_for_download(tmp_path):
     code, _, err = run_cli(FAST + ["--data-set", "CIFAR10", "--data-path", tmp_path, "--epochs", "1"])
     assert code == 2 and "pass --download" in err
+
+
+def test_throughput_uses_the_models_native_size():
+    code, out, err = run_cli(["--throughput", "--model", "deit_tiny_patch16_224", "--throughput-batch", "1"])
+    assert code == 0, err
+    result = json.loads(out.strip().splitlines()[-1])
+    assert round(result["gmacs"], 1) == 1.3 and result["images_per_s"] > 0 and not result["compressed"]
