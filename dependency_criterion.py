@@ -17,11 +17,16 @@ Features get a Gaussian kernel, the prediction (softmax of the model output) a l
 
 Scores (higher = more important):
   * head:   relevance - head_lambda * mean redundancy with the other heads of its block,
-            relevance = HSIC(K_head, L_pred), redundancy = HSIC(K_head, K_other_head);
+            relevance = HSIC(K_head, L_pred), redundancy = HSIC(K_head, K_other_head); with
+            head_normalize both are divided by sqrt(HSIC(K_head, K_head)) (normalised HSIC);
   * neuron: neuron_alpha * minmax(relevance) + (1 - neuron_alpha) * minmax(mean |activation|),
             where minmax rescales a block's values to [0, 1] ((x - min) / (max - min); a block whose
             values are all equal maps to 0). Min-max makes the two terms commensurable whatever
             their raw scales, so alpha really is the weight of relevance.
+
+Kernels are built inside forward hooks as each block runs (they do not depend on the prediction),
+and only the strict upper triangle of each neuron's kernel is kept until the prediction is known
+(the diagonal is exactly 1), so no block's activations outlive its forward.
 
 Statistics are summed over batches (per-batch HSIC values, sums of |activation| and element
 counts); under torch.distributed the sums and counts are all-reduced before anything is averaged,
@@ -491,6 +496,9 @@ def compute_scores(model, loader, num_batches=1, criterion="hsic", head_lambda=0
     criterion="hsic": the dependency criterion (module docstring), from the first num_batches
         batches of loader ((images, targets) pairs; targets are ignored), in eval mode under
         no_grad; the modules' train/eval flags are restored and every hook removed afterwards.
+        head_normalize=True divides a head's relevance and redundancy by sqrt(HSIC(K_h, K_h))
+        (normalised HSIC; see scores_from_statistics). Equivalent to
+        scores_from_statistics(hsic_statistics(...), head_lambda, neuron_alpha, head_normalize).
     criterion="magnitude": weight magnitudes (see _magnitude_scores); loader is not used.
     criterion="random": uniform scores from torch.Generator seeded with `seed` (same on all ranks).
     """

@@ -265,3 +265,15 @@ def test_throughput_uses_the_models_native_size():
     assert code == 0, err
     result = json.loads(out.strip().splitlines()[-1])
     assert round(result["gmacs"], 1) == 1.3 and result["images_per_s"] > 0 and not result["compressed"]
+
+
+def test_distillation_from_a_teacher_file_and_finetune_flag(tmp_path):
+    code, _, err = run_cli(FAST + ["--epochs", "1", "--max-steps", "2", "--output_dir", tmp_path / "t"])
+    assert code == 0, err
+    teacher = tmp_path / "t" / "checkpoint.pth"
+    code, _, err = run_cli(FAST + ["--epochs", "1", "--max-steps", "2", "--distillation-type", "hard",
+                                   "--teacher-path", teacher, "--finetune", teacher, "--output_dir", tmp_path / "s"])
+    assert code == 0, err
+    assert "initialised from" in err
+    code, _, err = run_cli(FAST + ["--epochs", "1", "--distillation-type", "soft"])
+    assert code == 2 and "--teacher-path" in err
