@@ -60,7 +60,7 @@ BANDWIDTHS = ("multi", "median")
 DEFAULT_BANDWIDTH = "median"
 DEFAULT_HEAD_LAMBDA = 0.1
 DEFAULT_NEURON_ALPHA = 0.1
-DEFAULT_HEAD_NORMALIZE = False
+DEFAULT_HEAD_NORMALIZE = True  # chosen on a tune split of training images: see benchmarks/bench_criterion_evidence.py
 _EPS = 1e-12
 
 
@@ -486,9 +486,9 @@ def scores_from_statistics(stats, head_lambda=0.1, neuron_alpha=0.1, head_normal
     return {"heads": heads, "neurons": neurons}
 
 
-def compute_scores(model, loader, num_batches=1, criterion="hsic", head_lambda=0.1,
-                   neuron_alpha=0.1, bandwidth=DEFAULT_BANDWIDTH, neuron_chunk=512, device=None,
-                   seed=0, head_normalize=False):
+def compute_scores(model, loader, num_batches=1, criterion="hsic", head_lambda=DEFAULT_HEAD_LAMBDA,
+                   neuron_alpha=DEFAULT_NEURON_ALPHA, bandwidth=DEFAULT_BANDWIDTH, neuron_chunk=512, device=None,
+                   seed=0, head_normalize=DEFAULT_HEAD_NORMALIZE):
     """Importance of every head and MLP neuron: {"heads": [...], "neurons": [...]}, one 1-D float64
     CPU tensor per entry of model.blocks (empty where a block has no Attention / Mlp); higher means
     more important.

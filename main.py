@@ -145,6 +145,8 @@ def get_args_parser():
                    help="training batches (per process) the criterion averages over (default 4)")
     g.add_argument("--head-lambda", type=float, default=0.1, help="weight of head redundancy")
     g.add_argument("--neuron-alpha", type=float, default=0.1, help="weight of neuron relevance vs |activation|")
+    g.add_argument("--no-head-normalize", dest="head_normalize", action="store_false", default=True,
+                   help="use the paper's unnormalised head HSIC (default: normalised, see README)")
     g.add_argument("--hsic-bandwidth", default=None, choices=["multi", "median"],
                    help="Gaussian kernel bandwidth rule (default: the criterion's, see README)")
 
@@ -592,7 +594,7 @@ def rank_dense(ctx, model, train_plain):
     import dependency_criterion as dc
     args = ctx.args
     kw = dict(num_batches=args.criterion_batches, criterion=args.criterion, head_lambda=args.head_lambda,
-              neuron_alpha=args.neuron_alpha, seed=args.seed)
+              neuron_alpha=args.neuron_alpha, seed=args.seed, head_normalize=args.head_normalize)
     if args.hsic_bandwidth:
         kw["bandwidth"] = args.hsic_bandwidth
     t0 = time.time()

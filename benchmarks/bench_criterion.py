@@ -95,7 +95,8 @@ def loop_scores(model, store, P, bandwidth, neuron_limit):
 
 @torch.no_grad()
 def vectorised_criterion(model, store, P, bandwidth, neuron_chunk):
-    """The criterion part of dc.compute_scores (everything after the forward) on captured internals."""
+    """The criterion part of dc.compute_scores (what its hooks and the post-forward step compute) on
+    captured internals."""
     Lc = dc.center_kernel(dc.linear_kernel(P))
     for i, blk in enumerate(model.blocks):
         attn = next(m for m in blk.modules() if isinstance(m, Attention))

@@ -290,7 +290,8 @@ def test_distilled_model():
     model.double()
     batches = make_batches(1, 6, dtype=torch.float64)
     got = dc.compute_scores(model, batches)
-    want_h, want_n = ref_scores(model, batches, dc.DEFAULT_BANDWIDTH, 0.1, 0.1)
+    want_h, want_n = ref_scores(model, batches, dc.DEFAULT_BANDWIDTH, dc.DEFAULT_HEAD_LAMBDA,
+                                dc.DEFAULT_NEURON_ALPHA, dc.DEFAULT_HEAD_NORMALIZE)
     for j in range(2):
         torch.testing.assert_close(got["heads"][j], want_h[j])
         torch.testing.assert_close(got["neurons"][j], want_n[j])
