@@ -732,6 +732,7 @@ def run_search(ctx):
     done_here = 0
     for step in range(len(records), total):
         t0 = time.time()
+        gp_before = search.gp_seconds
         proposal = None
         if ctx.rank == 0:
             x, acq = search.ask()
@@ -747,7 +748,7 @@ def run_search(ctx):
         rec = {"step": step, "search": header, "x": x_list, "policy": policy, "gmacs": counted["macs"] / 1e9,
                "params": counted["params"], "acc1": stats["acc1"], "loss": stats["loss"], "ei": acq,
                "phase": "init" if step < args.search_population else args.search_mode,
-               "seconds": round(time.time() - t0, 3), "gp_seconds": round(search.gp_seconds, 3)}
+               "seconds": round(time.time() - t0, 3), "gp_seconds": round(search.gp_seconds - gp_before, 4)}
         records.append(rec)
         if log_path:
             utils.append_jsonl(log_path, rec)
@@ -764,12 +765,13 @@ def run_search(ctx):
     val_loader = build_data(ctx, train=False)["val"]
     val_stats = engine.evaluate(val_loader, best_model, ctx.device, ctx.amp)
     spent = sum(r["seconds"] for r in records)
+    gp_spent = sum(r.get("gp_seconds", 0.0) for r in records)  # per-step GP+EI time, also over a resume
     result = {"policy": best_policy, "vector": best_rec["x"], "target_gmacs": target, "gmacs": best_rec["gmacs"],
               "dense_gmacs": dense_gmacs, "params": best_rec["params"], "search_acc1": best_rec["acc1"],
               "val_acc1_before_finetune": val_stats["acc1"], "step": best_rec["step"], "evaluations": len(records),
               "mode": args.search_mode, "criterion": args.criterion, "split": split_desc, "model": arch["model"],
               "input_size": arch["input_size"], "round_to": args.round_to, "fuse": args.fuse,
-              "gp_share": (search.gp_seconds / spent) if spent > 0 else None}
+              "gp_share": (gp_spent / spent) if spent > 0 and args.search_mode == "ei" else None}
     logger.info(f"search done: best {best_rec['acc1']:.2f} on the search split at {best_rec['gmacs']:.4g} GMACs "
                 f"(target {target:.4g}); val top-1 before finetune {val_stats['acc1']:.2f}")
     if out and ctx.rank == 0:

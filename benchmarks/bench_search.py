@@ -56,7 +56,7 @@ def main():
             sel = [x for x in rows if x["reduction"] == r and x["mode"] == mode]
             s = [x["search_acc1"] for x in sel]
             v = [x["val_acc1"] for x in sel]
-            g = [x["gp_share"] for x in sel if x["gp_share"] is not None]
+            g = [x["gp_share"] for x in sel if x["gp_share"] is not None]  # None for random search
             sd = lambda xs: statistics.stdev(xs) if len(xs) > 1 else 0.0
             share = f"{100 * statistics.mean(g):.1f}%" if g else "-"
             print(f"| {100 * r:.0f}% | {mode} | {statistics.mean(s):.2f} ± {sd(s):.2f} | "
