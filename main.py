@@ -28,12 +28,12 @@ RECIPES = {
                   warmup_epochs=5, cooldown_epochs=10, min_lr=1e-5, weight_decay=0.05, drop_path=0.1,
                   aa="rand-m9-mstd0.5-inc1", smoothing=0.1, reprob=0.25, mixup=0.8, cutmix=1.0,
                   repeated_aug=True, model_ema=True, num_workers=10, finetune_epochs=30, finetune_lr=5e-5,
-                  search_epoch=100, search_population=100, criterion_batches=4, search_pool=10000),
+                  search_epoch=100, search_population=100, criterion_batches=4, search_pool=10000, throughput_batch=64),
     "DIGITS": dict(model="vit_nano_patch4_32", input_size=32, epochs=30, batch_size=64, lr=1e-2,
                    warmup_epochs=2, cooldown_epochs=0, min_lr=1e-5, weight_decay=0.05, drop_path=0.0,
                    aa="none", smoothing=0.1, reprob=0.0, mixup=0.0, cutmix=0.0,
                    repeated_aug=False, model_ema=False, num_workers=0, finetune_epochs=30, finetune_lr=2e-3,
-                   search_epoch=30, search_population=20, criterion_batches=4, search_pool=1000),
+                   search_epoch=30, search_population=20, criterion_batches=4, search_pool=1000, throughput_batch=256),
 }
 RECIPE_KEYS = tuple(RECIPES["IMAGE"])
 
@@ -121,7 +121,8 @@ def get_args_parser():
     g.add_argument("--start_epoch", "--start-epoch", dest="start_epoch", type=int, default=0)
     g.add_argument("--eval", action="store_true", help="evaluate only")
     g.add_argument("--throughput", action="store_true", help="measure images/s, GMACs and params, then exit")
-    g.add_argument("--throughput-batch", type=int, default=64)
+    g.add_argument("--throughput-batch", type=int, default=None,
+                   help="batch for --throughput and the pipeline's speed table (IMNET: 64, DIGITS: 256)")
     g.add_argument("--dist-eval", "--dist_eval", dest="dist_eval", action="store_true",
                    help="shard evaluation over ranks (exact: every image counted once)")
     g.add_argument("--num_workers", "--num-workers", dest="num_workers", type=int, default=None,
