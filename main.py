@@ -933,8 +933,8 @@ def run_pipeline(ctx):
         raise UserError("--pipeline needs --output_dir")
     try:
         reductions = [float(r) for r in str(args.pipeline_reductions).split(",") if r.strip()]
-    except ValueError as e:
-        raise UserError(f"--pipeline-reductions must be comma-separated fractions, got {args.pipeline_reductions}")
+    except ValueError:
+        raise UserError(f"--pipeline-reductions must be comma-separated fractions, got {args.pipeline_reductions}") from None
     if not reductions or not all(0 < r < 1 for r in reductions):
         raise UserError(f"--pipeline-reductions must be fractions in (0, 1), got {args.pipeline_reductions}")
     t0 = time.time()

@@ -8,7 +8,6 @@ Every checkpoint this project writes carries an ``arch`` entry of primitives:
 import difflib
 import logging
 
-import torch
 from timm.models.vision_transformer import VisionTransformer
 
 from utils import CheckpointError, UserError, load_checkpoint_file, state_dict_of

@@ -51,3 +51,23 @@ def run_subprocess(cmd, timeout=300, env_extra=None):
 
 def python():
     return sys.executable
+
+
+def run_and_kill(args, log, lines, timeout=240, poll=0.02):
+    """Start ``python main.py ARGS``, SIGKILL it as soon as ``log`` has ``lines`` lines; returns
+    the number of lines the log holds after the kill. Fails if the run ends by itself first."""
+    import signal
+    import time
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "main.py"] + [str(a) for a in args], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.exists(log) and len(open(log).read().splitlines()) >= lines:
+            break
+        time.sleep(poll)
+    alive = proc.poll() is None
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert alive, f"main.py {' '.join(map(str, args))} ended before it could be killed"
+    return len(open(log).read().splitlines())

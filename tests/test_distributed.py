@@ -1,15 +1,11 @@
 """Multi-process runs on CPU (gloo): torchrun, torch.distributed.launch --use_env, kill + resume."""
 import json
-import os
-import signal
-import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
-from helpers import FAST, ROOT, make_image_folder, run_subprocess
+from helpers import run_and_kill, FAST, make_image_folder, run_subprocess
 
 PY = sys.executable
 
@@ -72,20 +68,8 @@ def test_kill_and_resume_auto_matches_uninterrupted_run(tmp_path):
     assert full.returncode == 0, full.stderr[-3000:]
 
     out = tmp_path / "killed"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([PY, "main.py"] + [str(a) for a in args] + ["--output_dir", str(out)], cwd=ROOT,
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     log = out / "log.jsonl"
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        if log.exists() and len(log.read_text().splitlines()) >= 1:
-            break
-        time.sleep(0.05)
-    killed_mid_run = proc.poll() is None
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert killed_mid_run, "the run ended before it could be killed"
-    done = len(log.read_text().splitlines())
+    done = run_and_kill(args + ["--output_dir", out], log, 1)
     assert done < 4
     res = run_subprocess([PY, "main.py"] + args + ["--output_dir", out, "--resume", "auto"])
     assert res.returncode == 0, res.stderr[-3000:]

@@ -1,15 +1,12 @@
 """The seed README's three commands in a row, prune+finetune resume, the one-command pipeline."""
 import json
 import os
-import signal
-import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
-from helpers import FAST, ROOT, make_image_folder, run_cli, run_subprocess
+from helpers import run_and_kill, FAST, ROOT, make_image_folder, run_cli, run_subprocess
 
 PY = sys.executable
 
@@ -80,18 +77,7 @@ def test_uniform_ratios_and_finetune_resume(tmp_path):
 
     out = tmp_path / "killed"
     log = out / "prune_finetune" / "log.jsonl"
-    proc = subprocess.Popen([PY, "main.py"] + [str(a) for a in args] + ["--output_dir", str(out)], cwd=ROOT,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        if log.exists() and len(log.read_text().splitlines()) >= 1:
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "finetuning ended before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    done = len(log.read_text().splitlines())
+    done = run_and_kill(args + ["--output_dir", out], log, 1)
     again = run_subprocess([PY, "main.py"] + args + ["--output_dir", out])
     assert again.returncode == 0, again.stderr[-3000:]
     assert "continuing the compressed model" in again.stderr and f"at epoch {done}" in again.stderr

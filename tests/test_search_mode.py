@@ -1,16 +1,11 @@
 """Search mode end to end: budget feasibility, resume after a kill, 2 processes == 1 process."""
 import json
-import os
-import signal
-import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
-import torch
 
-from helpers import FAST, ROOT, run_cli, run_subprocess
+from helpers import run_and_kill, FAST, run_cli, run_subprocess
 
 PY = sys.executable
 SEARCH = ["--search", "--search-reduction", "0.4", "--search_population", "4", "--search_epoch", "4",
@@ -72,18 +67,7 @@ def test_killed_search_resumes_to_the_same_log(dense_ckpt, tmp_path):
     assert full.returncode == 0, full.stderr[-3000:]
     out = tmp_path / "killed"
     log = out / "search" / "search_log.jsonl"
-    proc = subprocess.Popen([PY, "main.py"] + [str(a) for a in args] + ["--output_dir", str(out)], cwd=ROOT,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        if log.exists() and len(log.read_text().splitlines()) >= 5:
-            break
-        time.sleep(0.02)
-    assert proc.poll() is None, "the search ended before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert len(log.read_text().splitlines()) < 8
+    assert run_and_kill(args + ["--output_dir", out], log, 5) < 8
     again = run_subprocess([PY, "main.py"] + args + ["--output_dir", out])
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resuming after" in again.stderr
