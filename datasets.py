@@ -27,7 +27,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DIGITS_MEAN = (0.5, 0.5, 0.5)
 DIGITS_STD = (0.5, 0.5, 0.5)
-DATA_SETS = ("DIGITS", "IMNET", "IMAGEFOLDER", "CIFAR", "CIFAR10", "CIFAR100", "INAT", "INAT19")
+DATA_SETS = ("DIGITS", "IMNET", "IMAGEFOLDER", "CIFAR10", "CIFAR100")
 
 
 class DataError(UserError):
@@ -220,7 +220,7 @@ def build_dataset(is_train, args, train_transform=None):
         root = os.path.join(args.data_path, "train" if is_train else "val")
         ds = SafeImageFolder(root, transform=transform)
         return ds, len(ds.classes)
-    raise DataError(f"unknown --data-set {args.data_set}; choose one of {', '.join(DATA_SETS[:5])}")
+    raise DataError(f"unknown --data-set {args.data_set}; choose one of {', '.join(DATA_SETS)}")
 
 
 # --------------------------------------------------------------------------- samplers

@@ -4,10 +4,8 @@ Nothing here reads argparse: functions take plain values (or an object with the
 attributes they name) so that library code and tests can call them directly.
 """
 import datetime
-import io
 import json
 import logging
-import math
 import os
 import random
 import re
@@ -324,13 +322,3 @@ def state_dict_of(obj):
     if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         return obj
     raise CheckpointError("checkpoint holds no model weights (no 'model' or 'state_dict' entry)")
-
-
-def tensor_bytes(obj):
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    return buf.tell()
-
-
-def is_finite(x):
-    return math.isfinite(float(x))
