@@ -323,7 +323,7 @@ def load_for_eval(ctx, num_classes):
     if path:
         ckpt = utils.load_checkpoint_file(path)
         if isinstance(ckpt.get("arch"), dict):
-            model, _ = models.load_model_file(path)
+            model, _ = models.load_model_file(path, ckpt=ckpt)
             check_arch_matches(ctx, ckpt["arch"], path, num_classes)
             return model, ckpt["arch"]
         model = create_dense_model(ctx, num_classes)
@@ -366,7 +366,7 @@ def build_teacher(ctx, num_classes):
         raise UserError("--distillation-type needs --teacher-path (a weights file or a model file)")
     ckpt = utils.load_checkpoint_file(args.teacher_path)
     if isinstance(ckpt.get("arch"), dict):
-        teacher, _ = models.load_model_file(args.teacher_path, device=ctx.device)
+        teacher, _ = models.load_model_file(args.teacher_path, device=ctx.device, ckpt=ckpt)
     else:
         teacher = models.build_model(args.teacher_model, num_classes=num_classes)
         models.load_weights(teacher, args.teacher_path)
@@ -431,7 +431,7 @@ def fit(ctx, model, arch, data, run_dir, epochs, lr, teacher=None, distillation=
         ckpt = utils.load_checkpoint_file(resume_path)
         if "optimizer" in ckpt and "epoch" in ckpt:
             import models
-            models._load_state(model_without_ddp, ckpt["model"], resume_path)
+            models.load_state_strict(model_without_ddp, ckpt["model"], resume_path)
             optimizer.load_state_dict(ckpt["optimizer"])
             scheduler.load_state_dict(ckpt["lr_scheduler"])
             if scaler is not None and ckpt.get("scaler"):
@@ -511,13 +511,13 @@ def run_train(ctx):
     arch = arch_of(ctx, model)
     if resume_path:
         ckpt = utils.load_checkpoint_file(resume_path)
+        import models
         if isinstance(ckpt.get("arch"), dict) and ckpt["arch"].get("prune_spec"):
-            import models
-            model, _ = models.load_model_file(resume_path)
+            model, _ = models.load_model_file(resume_path, ckpt=ckpt)  # continue a compressed model
             arch = ckpt["arch"]
-        if "optimizer" not in ckpt:
-            import models
+        elif "optimizer" not in ckpt:
             models.load_weights(model, resume_path)
+        if "optimizer" not in ckpt:
             resume_path = ""  # weights only: a fresh schedule from them
     teacher = None
     distillation = args.distillation_type or "none"

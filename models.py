@@ -94,7 +94,7 @@ def model_arch(name, model, input_size, mean, std, model_kwargs=None):
     }
 
 
-def _load_state(model, state, source):
+def load_state_strict(model, state, source):
     """Strict load with a one-line message naming the first mismatch."""
     own = model.state_dict()
     missing = [k for k in own if k not in state]
@@ -122,7 +122,7 @@ def load_weights(model, path, key_preference=("model",)):
             break
     if state is None:
         state = state_dict_of(ckpt)
-    _load_state(model, state, path)
+    load_state_strict(model, state, path)
     return ckpt
 
 
@@ -173,16 +173,17 @@ def build_from_arch(arch):
     return model
 
 
-def load_model_file(path, device="cpu", use_ema=False):
-    """Load a model file written by this project: returns (model, ckpt). The model is in eval mode."""
-    ckpt = load_checkpoint_file(path)
+def load_model_file(path, device="cpu", use_ema=False, ckpt=None):
+    """Load a model file written by this project: returns (model, ckpt). The model is in eval mode.
+    ``ckpt`` is the file's already-loaded contents, when the caller has read them."""
+    ckpt = load_checkpoint_file(path) if ckpt is None else ckpt
     arch = ckpt.get("arch")
     if not isinstance(arch, dict):
         raise CheckpointError(f"{path} has no 'arch' entry: not a model file written by this tool "
                               f"(use --model NAME --finetune {path} for plain weights)")
     model = build_from_arch(arch)
     state = ckpt.get("model_ema") if use_ema and isinstance(ckpt.get("model_ema"), dict) else state_dict_of(ckpt)
-    _load_state(model, state, path)
+    load_state_strict(model, state, path)
     return model.to(device).eval(), ckpt
 
 
