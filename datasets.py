@@ -10,6 +10,7 @@
 Unreadable or truncated images in folder data sets are skipped with a warning (each file
 once) and replaced by the next readable image, so one bad file does not end a long run.
 """
+import dataclasses
 import logging
 import math
 import os
@@ -17,7 +18,12 @@ import os
 import numpy as np
 import torch
 import torch.nn.functional as F
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+from timm.data import create_transform
 from torch.utils.data import Dataset, Sampler
+from torchvision import transforms
+from torchvision.datasets import CIFAR10, CIFAR100, ImageFolder
 
 from utils import UserError, get_rank, get_world_size
 
@@ -34,6 +40,37 @@ class DataError(UserError):
     pass
 
 
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """What building data needs, settled once by the caller (the CLI passes its settled
+    configuration through ``DataConfig.take``; Python users construct it directly)."""
+    data_set: str = "DIGITS"
+    data_path: str = ""
+    input_size: int = 32
+    batch_size: int = 64
+    num_workers: int = 0
+    pin_mem: bool = False
+    download: bool = False
+    color_jitter: float = 0.3
+    aa: str = "none"
+    train_interpolation: str = "bicubic"
+    reprob: float = 0.0
+    remode: str = "pixel"
+    recount: int = 1
+    eval_crop_ratio: float = 0.875
+    repeated_aug: bool = False
+    ra_reps: int = 3
+    seed: int = 0
+    dist_eval: bool = False
+
+    @classmethod
+    def take(cls, obj, **overrides):
+        """The fields of ``obj`` (any object with these attributes) that this class names."""
+        values = {f.name: getattr(obj, f.name) for f in dataclasses.fields(cls) if hasattr(obj, f.name)}
+        values.update(overrides)
+        return cls(**values)
+
+
 # --------------------------------------------------------------------------- digits
 
 def digits_split(seed=0, val_fraction=0.2):
@@ -41,9 +78,6 @@ def digits_split(seed=0, val_fraction=0.2):
 
     Images are float32 in [0, 1], shape [n, 8, 8].
     """
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
     data = load_digits()
     x = (data.images / 16.0).astype(np.float32)
     y = data.target.astype(np.int64)
@@ -135,10 +169,13 @@ def check_folder_layout(root, data_set="IMAGEFOLDER"):
 
 
 class SafeImageFolder(Dataset):
-    """torchvision ImageFolder that skips unreadable images with a warning."""
+    """torchvision ImageFolder that survives unreadable images, warning once per file.
 
-    def __init__(self, root, transform=None):
-        from torchvision.datasets import ImageFolder
+    Training (``skip=False``) replaces an unreadable image by the next readable one, so batches
+    keep their size. Evaluation (``skip=True``) drops it: ``collate`` leaves it out of the batch,
+    so counts and accuracies cover exactly the readable images."""
+
+    def __init__(self, root, transform=None, skip=False):
         try:
             self.inner = ImageFolder(root, transform=transform)
         except (FileNotFoundError, RuntimeError) as e:
@@ -147,10 +184,17 @@ class SafeImageFolder(Dataset):
             raise DataError(f"{root} holds no images")
         self.classes = self.inner.classes
         self.targets = self.inner.targets
+        self.skip = skip
         self._warned = set()
 
     def __len__(self):
         return len(self.inner)
+
+    def _warn(self, i, e):
+        path = self.inner.samples[i][0]
+        if path not in self._warned:
+            self._warned.add(path)
+            logger.warning(f"skipping unreadable image {path}: {e}")
 
     def __getitem__(self, index):
         for attempt in range(len(self.inner)):
@@ -158,28 +202,30 @@ class SafeImageFolder(Dataset):
             try:
                 return self.inner[i]
             except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for broken files
-                path = self.inner.samples[i][0]
-                if path not in self._warned:
-                    self._warned.add(path)
-                    logger.warning(f"skipping unreadable image {path}: {e}")
+                self._warn(i, e)
+                if self.skip:
+                    return None
         raise DataError(f"no readable image in {self.inner.root}")
 
+    def collate(self, batch):
+        kept = [b for b in batch if b is not None]
+        if not kept:
+            return torch.empty(0), torch.empty(0, dtype=torch.int64)
+        return torch.utils.data.default_collate(kept)
 
-def build_transform(is_train, args, mean, std):
+
+def build_transform(is_train, cfg, mean, std):
     """DeiT's image transforms through timm (RandAugment, random erasing, resize/crop)."""
-    from timm.data import create_transform
-    from torchvision import transforms
-
     if is_train:
         return create_transform(
-            input_size=args.input_size, is_training=True, color_jitter=args.color_jitter,
-            auto_augment=args.aa if args.aa not in (None, "", "none") else None,
-            interpolation=args.train_interpolation, re_prob=args.reprob, re_mode=args.remode,
-            re_count=args.recount, mean=mean, std=std)
-    size = int(args.input_size / args.eval_crop_ratio)
+            input_size=cfg.input_size, is_training=True, color_jitter=cfg.color_jitter,
+            auto_augment=cfg.aa if cfg.aa not in (None, "", "none") else None,
+            interpolation=cfg.train_interpolation, re_prob=cfg.reprob, re_mode=cfg.remode,
+            re_count=cfg.recount, mean=mean, std=std)
+    size = int(cfg.input_size / cfg.eval_crop_ratio)
     return transforms.Compose([
         transforms.Resize(size, interpolation=transforms.InterpolationMode.BICUBIC),
-        transforms.CenterCrop(args.input_size),
+        transforms.CenterCrop(cfg.input_size),
         transforms.ToTensor(),
         transforms.Normalize(mean, std),
     ])
@@ -190,37 +236,41 @@ def data_stats(data_set):
     return (DIGITS_MEAN, DIGITS_STD) if data_set == "DIGITS" else (IMAGENET_MEAN, IMAGENET_STD)
 
 
-def build_dataset(is_train, args, train_transform=None):
+def num_classes_of(data_set):
+    """Classes of a built-in data set (for commands that build no data, e.g. --throughput)."""
+    return {"DIGITS": 10, "CIFAR10": 10, "CIFAR100": 100}.get(data_set, 1000)
+
+
+def build_dataset(is_train, cfg, train_transform=None):
     """Return (dataset, num_classes). ``train_transform=False`` gives the training images
     with evaluation transforms (for the search split and the criterion)."""
-    name = args.data_set.upper()
+    name = cfg.data_set.upper()
     mean, std = data_stats(name)
     if name == "DIGITS":
         x_tr, y_tr, x_va, y_va = digits_split()
         if is_train:
             augment = train_transform is not False
-            return DigitsDataset(x_tr, y_tr, args.input_size, train=augment,
-                                 reprob=args.reprob if augment else 0.0), 10
-        return DigitsDataset(x_va, y_va, args.input_size, train=False), 10
+            return DigitsDataset(x_tr, y_tr, cfg.input_size, train=augment,
+                                 reprob=cfg.reprob if augment else 0.0), 10
+        return DigitsDataset(x_va, y_va, cfg.input_size, train=False), 10
 
     augment = is_train and train_transform is not False
-    transform = build_transform(augment, args, mean, std)
+    transform = build_transform(augment, cfg, mean, std)
     if name in ("CIFAR", "CIFAR10", "CIFAR100"):
-        from torchvision.datasets import CIFAR10, CIFAR100
         cls, ncls = (CIFAR10, 10) if name == "CIFAR10" else (CIFAR100, 100)
-        root = args.data_path or "./data"
+        root = cfg.data_path or "./data"
         try:
-            ds = cls(root, train=is_train, transform=transform, download=bool(getattr(args, "download", False)))
+            ds = cls(root, train=is_train, transform=transform, download=bool(cfg.download))
         except RuntimeError as e:
             raise DataError(f"{cls.__name__} files not found under {root} ({str(e).splitlines()[0]}); "
                             f"pass --download to fetch them") from e
         return ds, ncls
     if name in ("IMNET", "IMAGEFOLDER"):
-        check_folder_layout(args.data_path, name)
-        root = os.path.join(args.data_path, "train" if is_train else "val")
-        ds = SafeImageFolder(root, transform=transform)
+        check_folder_layout(cfg.data_path, name)
+        root = os.path.join(cfg.data_path, "train" if is_train else "val")
+        ds = SafeImageFolder(root, transform=transform, skip=not augment)
         return ds, len(ds.classes)
-    raise DataError(f"unknown --data-set {args.data_set}; choose one of {', '.join(DATA_SETS)}")
+    raise DataError(f"unknown --data-set {cfg.data_set}; choose one of {', '.join(DATA_SETS)}")
 
 
 # --------------------------------------------------------------------------- samplers
@@ -275,14 +325,14 @@ class ShardSampler(Sampler):
         return len(range(self.rank, self.length, self.num_replicas))
 
 
-def train_sampler(dataset, args, distributed):
-    if distributed and args.repeated_aug:
-        return RASampler(dataset, shuffle=True, repeats=args.ra_reps, seed=args.seed)
+def train_sampler(dataset, cfg, distributed):
+    if distributed and cfg.repeated_aug:
+        return RASampler(dataset, shuffle=True, repeats=cfg.ra_reps, seed=cfg.seed)
     if distributed:
-        return torch.utils.data.DistributedSampler(dataset, shuffle=True, seed=args.seed)
-    if args.repeated_aug:
-        return RASampler(dataset, num_replicas=1, rank=0, shuffle=True, repeats=args.ra_reps, seed=args.seed)
-    return _EpochRandomSampler(dataset, args.seed)
+        return torch.utils.data.DistributedSampler(dataset, shuffle=True, seed=cfg.seed)
+    if cfg.repeated_aug:
+        return RASampler(dataset, num_replicas=1, rank=0, shuffle=True, repeats=cfg.ra_reps, seed=cfg.seed)
+    return _EpochRandomSampler(dataset, cfg.seed)
 
 
 class _EpochRandomSampler(Sampler):
@@ -311,11 +361,12 @@ def eval_sampler(dataset, distributed, dist_eval):
     return torch.utils.data.SequentialSampler(dataset)
 
 
-def make_loader(dataset, sampler, batch_size, args, drop_last=False):
+def make_loader(dataset, sampler, batch_size, cfg, drop_last=False):
+    """A DataLoader using the data set's own ``collate`` (also through a Subset) when it has one."""
+    collate = getattr(dataset, "collate", None) or getattr(getattr(dataset, "dataset", None), "collate", None)
     return torch.utils.data.DataLoader(
-        dataset, sampler=sampler, batch_size=batch_size, num_workers=args.num_workers,
-        pin_memory=args.pin_mem, drop_last=drop_last, persistent_workers=False,
-        collate_fn=getattr(dataset, "collate", None))
+        dataset, sampler=sampler, batch_size=batch_size, num_workers=cfg.num_workers,
+        pin_memory=cfg.pin_mem, drop_last=drop_last, persistent_workers=False, collate_fn=collate)
 
 
 # --------------------------------------------------------------------------- search split
@@ -327,9 +378,91 @@ def stratified_holdout(targets, size, seed=0):
     count = int(round(size * n)) if isinstance(size, float) and size < 1 else int(size)
     if count <= 0 or count >= n:
         raise DataError(f"--search-holdout {size} must select between 1 and {n - 1} of the {n} training images")
-    from sklearn.model_selection import train_test_split
     idx = np.arange(n)
     classes, counts = np.unique(targets, return_counts=True)
     stratify = targets if (counts.min() >= 2 and count >= len(classes) and n - count >= len(classes)) else None
     _, held = train_test_split(idx, test_size=count, random_state=seed, stratify=stratify)
     return np.sort(held).tolist()
+
+
+def parse_holdout(text):
+    """``--search-holdout``: an image count ("500") or a fraction of the training set ("0.2")."""
+    if text is None:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise DataError(f"--search-holdout must be an image count (e.g. 500) or a fraction in (0, 1) "
+                        f"(e.g. 0.2), got {text!r}") from None
+    if "." in str(text) or "e" in str(text).lower():
+        if not 0 < value < 1:
+            raise DataError(f"--search-holdout {text} is a fraction, so it must be in (0, 1); "
+                            f"for a number of images give an integer")
+        return value
+    if value < 1:
+        raise DataError(f"--search-holdout must be at least 1 image, got {text}")
+    return int(value)
+
+
+# --------------------------------------------------------------------------- loaders
+
+def build_loaders(cfg, distributed, train=True, val=True):
+    """{"train_set", "train", "val_set", "val", "num_classes"} for the asked splits."""
+    data = {}
+    if train:
+        ds_train, ncls = build_dataset(True, cfg)
+        sampler = train_sampler(ds_train, cfg, distributed)
+        data["train_set"] = ds_train
+        data["train"] = make_loader(ds_train, sampler, cfg.batch_size, cfg, drop_last=True)
+        if len(data["train"]) == 0:
+            raise DataError(f"training set has {len(ds_train)} images, fewer than one batch of "
+                            f"{cfg.batch_size} per process; lower --batch-size")
+        data["num_classes"] = ncls
+    if val:
+        ds_val, ncls = build_dataset(False, cfg)
+        data["val_set"] = ds_val
+        data["val"] = make_loader(ds_val, eval_sampler(ds_val, distributed, cfg.dist_eval),
+                                  int(1.5 * cfg.batch_size), cfg)
+        data["num_classes"] = ncls
+    return data
+
+
+CRITERION_MIN_BATCH = 16
+
+
+def criterion_loader(dataset, cfg, num_batches, world_size=1, rank=0):
+    """``num_batches`` batches per process from a fixed shuffle of ``dataset`` (un-augmented
+    training images). Whole batches are dealt to ranks in turn, so W processes with k batches
+    each score exactly the batches that one process with k*W batches scores. Batches hold
+    ``max(batch_size, 16)`` images: a dependency estimate needs more than a handful."""
+    bs = max(cfg.batch_size, CRITERION_MIN_BATCH)
+    if len(dataset) < bs:
+        bs = len(dataset)
+    g = torch.Generator()
+    g.manual_seed(cfg.seed)
+    n_batches = max(1, min(num_batches * world_size, len(dataset) // bs))
+    chosen = torch.randperm(len(dataset), generator=g)[:n_batches * bs].tolist()
+    batches = [chosen[i * bs:(i + 1) * bs] for i in range(n_batches)]
+    mine = [i for b in batches[rank::world_size] for i in b]
+    subset = torch.utils.data.Subset(dataset, mine)
+    return make_loader(subset, torch.utils.data.SequentialSampler(subset), bs, cfg)
+
+
+def search_split(train_plain, val_set, holdout=None, on_val=False, seed=0):
+    """(dataset, description) that search candidates are scored on: a stratified hold-out of
+    the (un-augmented) training set, ``holdout`` images or a fraction (default 20%, at most
+    10,000), or the validation set with ``on_val`` (the paper's setting; biased)."""
+    if on_val:
+        return val_set, f"the validation set ({len(val_set)} images; --search-on-val)"
+    size = min(10000, max(1, round(0.2 * len(train_plain)))) if holdout is None else holdout
+    targets = getattr(train_plain, "targets", None)
+    if targets is None:
+        targets = [train_plain[i][1] for i in range(len(train_plain))]
+    held = stratified_holdout(targets, size, seed=seed)
+    return torch.utils.data.Subset(train_plain, held), f"a stratified hold-out of {len(held)} training images"
+
+
+def split_loader(dataset, cfg, distributed):
+    """Loader over a search split, sharded without padding over ranks."""
+    sampler = ShardSampler(len(dataset)) if distributed else torch.utils.data.SequentialSampler(dataset)
+    return make_loader(dataset, sampler, int(1.5 * cfg.batch_size), cfg)

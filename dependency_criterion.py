@@ -34,6 +34,7 @@ normalised or combined, so every rank computes the same scores as one process ov
 the ranks' batches.
 """
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from timm.layers import Mlp
@@ -256,7 +257,6 @@ def _lower_median(U):
     introselect (np.partition) is about twice as fast as torch.median and returns the same value."""
     k = (U.shape[1] - 1) // 2
     if U.device.type == "cpu":
-        import numpy as np
         return torch.from_numpy(np.partition(U.numpy(), k, axis=1)[:, k].copy())
     return U.median(dim=1).values
 

@@ -1,14 +1,25 @@
 """One training epoch, evaluation and throughput: device-agnostic (CPU, CUDA, AMP on CUDA)."""
 import contextlib
+import dataclasses
+import json
 import logging
 import math
+import os
 import statistics
 import time
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+from timm.data import Mixup
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from timm.utils import ModelEmaV3
 
-from utils import Progress, all_reduce_sum
+from models import load_state_strict
+from utils import (Progress, all_reduce_sum, append_jsonl, format_seconds, read_jsonl, save_atomic,
+                   write_jsonl)
 
 logger = logging.getLogger("vitcompress")
 
@@ -111,6 +122,8 @@ def evaluate(loader, model, device, amp=False, log_every=0, header="Test"):
     sums = torch.zeros(4, dtype=torch.float64)  # loss*n, correct1, correct5, n
     progress = Progress(len(loader), header, every=log_every) if log_every else None
     for step, (images, targets) in enumerate(loader):
+        if targets.numel() == 0:  # every image of the batch was unreadable (skipped)
+            continue
         images = images.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
         with autocast(device, amp):
@@ -153,3 +166,184 @@ def throughput(model, device, batch_size=64, input_size=224, amp=False, warmup=3
             sync()
             rates.append(batch_size / (time.perf_counter() - t0))
     return statistics.median(rates)
+
+
+# --------------------------------------------------------------------------- the training loop
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """Everything that defines how a model is trained, as one explicit value.
+
+    ``lr`` is the learning rate actually used (any batch-size scaling is the caller's).
+    Pretraining and finetuning each build their own Recipe, so nothing leaks between them.
+    """
+    epochs: int
+    lr: float
+    opt: str = "adamw"
+    opt_eps: float = 1e-8
+    opt_betas: Optional[Tuple[float, ...]] = None
+    momentum: float = 0.9
+    weight_decay: float = 0.05
+    sched: str = "cosine"
+    min_lr: float = 1e-5
+    warmup_lr: float = 1e-6
+    warmup_epochs: int = 0
+    decay_epochs: float = 30
+    decay_rate: float = 0.1
+    clip_grad: Optional[float] = None
+    smoothing: float = 0.0
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    cutmix_minmax: Optional[Tuple[float, ...]] = None
+    mixup_prob: float = 1.0
+    mixup_switch_prob: float = 0.5
+    mixup_mode: str = "batch"
+    model_ema: bool = False
+    model_ema_decay: float = 0.99996
+    model_ema_force_cpu: bool = False
+    distillation: str = "none"
+    distillation_alpha: float = 0.5
+    distillation_tau: float = 1.0
+    seed: int = 0
+    max_steps: Optional[int] = None
+    log_every: int = 20
+
+    @property
+    def uses_mixup(self):
+        return self.mixup > 0 or self.cutmix > 0 or self.cutmix_minmax is not None
+
+    def as_dict(self):
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def take(cls, obj, **overrides):
+        """A Recipe from the attributes of ``obj`` that this class names (lists become tuples)."""
+        values = {f.name: getattr(obj, f.name) for f in dataclasses.fields(cls) if hasattr(obj, f.name)}
+        values.update(overrides)
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
+def _training_parts(model, recipe, steps_per_epoch, num_classes, teacher, amp):
+    opt_kwargs = dict(eps=recipe.opt_eps, momentum=recipe.momentum)
+    if recipe.opt_betas:
+        opt_kwargs["betas"] = tuple(recipe.opt_betas)
+    optimizer = create_optimizer_v2(model, opt=recipe.opt, lr=recipe.lr, weight_decay=recipe.weight_decay,
+                                    **opt_kwargs)
+    scheduler, _ = create_scheduler_v2(
+        optimizer, sched=recipe.sched, num_epochs=max(recipe.epochs, 1), decay_epochs=recipe.decay_epochs,
+        decay_rate=recipe.decay_rate, min_lr=recipe.min_lr, warmup_lr=recipe.warmup_lr,
+        warmup_epochs=min(recipe.warmup_epochs, max(recipe.epochs - 1, 0)), cooldown_epochs=0,
+        step_on_epochs=False, updates_per_epoch=steps_per_epoch)
+    mixup_fn = None
+    if recipe.uses_mixup:
+        mixup_fn = Mixup(mixup_alpha=recipe.mixup, cutmix_alpha=recipe.cutmix, cutmix_minmax=recipe.cutmix_minmax,
+                         prob=recipe.mixup_prob, switch_prob=recipe.mixup_switch_prob, mode=recipe.mixup_mode,
+                         label_smoothing=recipe.smoothing, num_classes=num_classes)
+        base = SoftTargetCrossEntropy()
+    elif recipe.smoothing > 0:
+        base = LabelSmoothingCrossEntropy(smoothing=recipe.smoothing)
+    else:
+        base = torch.nn.CrossEntropyLoss()
+    criterion = DistillationLoss(base, teacher, recipe.distillation, recipe.distillation_alpha,
+                                 recipe.distillation_tau)
+    scaler = torch.amp.GradScaler("cuda") if amp else None
+    return optimizer, scheduler, mixup_fn, criterion, scaler
+
+
+def fit(model, train_loader, val_loader, recipe, device, num_classes, run_dir=None, arch=None, teacher=None,
+        resume=None, distributed=False, amp=False, rank=0, tag="train", extra=None):
+    """Train ``model`` by ``recipe``, evaluating after every epoch; returns the final val stats.
+
+    With ``run_dir``, every epoch atomically writes ``checkpoint.pth`` (arch, weights, optimizer,
+    scheduler, scaler, EMA, epoch, best, ``extra`` primitives), ``best.pth`` and one line of
+    ``log.jsonl``. ``resume`` is a loaded training checkpoint of this tool (its contents): the run
+    continues after its epoch, and the log keeps only the epochs before that one.
+    """
+    model.to(device)
+    inner = model
+    if distributed:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    steps = len(train_loader) if recipe.max_steps is None else min(len(train_loader), recipe.max_steps)
+    optimizer, scheduler, mixup_fn, criterion, scaler = _training_parts(
+        inner, recipe, steps, num_classes, teacher, amp)
+    model_ema = ModelEmaV3(inner, decay=recipe.model_ema_decay,
+                           device="cpu" if recipe.model_ema_force_cpu else None) if recipe.model_ema else None
+
+    start_epoch, best = 0, {"acc1": -1.0}
+    if resume is not None:
+        load_state_strict(inner, resume["model"], "the resumed checkpoint")
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["lr_scheduler"])
+        if scaler is not None and resume.get("scaler"):
+            scaler.load_state_dict(resume["scaler"])
+        if model_ema is not None and isinstance(resume.get("model_ema"), dict):
+            model_ema.module.load_state_dict(resume["model_ema"])
+        start_epoch = int(resume["epoch"]) + 1
+        best = resume.get("best", best)
+        logger.info(f"{tag}: resumed at epoch {start_epoch}")
+    log_path = os.path.join(run_dir, "log.jsonl") if run_dir else None
+    if log_path and rank == 0 and os.path.exists(log_path):  # a restart must not append to a stale log
+        records = read_jsonl(log_path)
+        kept = [r for r in records if r.get("epoch", -1) < start_epoch]
+        if len(kept) != len(records) or os.path.getsize(log_path) != sum(len(json.dumps(r)) + 1 for r in records):
+            write_jsonl(log_path, kept)
+
+    scheduler.step_update(start_epoch * steps)
+    if start_epoch >= recipe.epochs:
+        stats = evaluate(val_loader, inner, device, amp)
+        logger.info(f"{tag}: nothing left to train (epoch {start_epoch} of {recipe.epochs}); "
+                    f"val top-1 {stats['acc1']:.2f}")
+        return stats
+    t0, stats = time.time(), None
+    for epoch in range(start_epoch, recipe.epochs):
+        if hasattr(train_loader.sampler, "set_epoch"):
+            train_loader.sampler.set_epoch(epoch)
+        # seed the augmentation per (seed, rank, epoch): a resumed epoch replays the same draws
+        torch.manual_seed(recipe.seed * 1000 + rank * 100003 + epoch)
+        train_stats = train_one_epoch(
+            model, criterion, train_loader, optimizer, device, epoch, scaler=scaler, amp=amp,
+            clip_grad=recipe.clip_grad, model_ema=model_ema, mixup_fn=mixup_fn, total_epochs=recipe.epochs,
+            log_every=recipe.log_every, max_steps=recipe.max_steps, lr_scheduler=scheduler)
+        stats = evaluate(val_loader, inner, device, amp)
+        ema_stats = evaluate(val_loader, model_ema.module, device, amp) if model_ema else None
+        is_best = stats["acc1"] > best["acc1"]
+        if is_best:
+            best = {"acc1": stats["acc1"], "epoch": epoch}
+        elapsed = time.time() - t0
+        eta = elapsed / (epoch + 1 - start_epoch) * (recipe.epochs - epoch - 1)
+        logger.info(f"{tag} epoch {epoch}: loss {train_stats.get('loss', float('nan')):.4f} "
+                    f"val top-1 {stats['acc1']:.2f} top-5 {stats['acc5']:.2f} (best {best['acc1']:.2f}) "
+                    f"elapsed {format_seconds(elapsed)} eta {format_seconds(eta)}")
+        if run_dir:  # the log line first: a resume drops lines after the checkpoint's epoch, so none is lost
+            record = {"epoch": epoch, **{f"train_{k}": v for k, v in train_stats.items()},
+                      **{f"test_{k}": v for k, v in stats.items()}, "seconds": round(elapsed, 2)}
+            if ema_stats:
+                record.update({f"ema_{k}": v for k, v in ema_stats.items()})
+            append_jsonl(log_path, record)
+            _write_epoch(run_dir, inner, arch, optimizer, scheduler, scaler, model_ema, epoch, best, is_best,
+                         stats, extra)
+    return stats
+
+
+def _write_epoch(run_dir, model, arch, optimizer, scheduler, scaler, model_ema, epoch, best, is_best, stats, extra):
+    """The one place checkpoints of a training run are written (rank 0, atomically)."""
+    extra = dict(extra or {})
+    ckpt = {"arch": arch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "lr_scheduler": scheduler.state_dict(), "epoch": epoch,
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "model_ema": model_ema.module.state_dict() if model_ema else None, "best": best, **extra}
+    save_atomic(ckpt, os.path.join(run_dir, "checkpoint.pth"))
+    if is_best:
+        save_atomic({"arch": arch, "model": model.state_dict(), "epoch": epoch, "val": stats, **extra},
+                    os.path.join(run_dir, "best.pth"))
+
+
+def interleaved_throughput(models, device, batch_size, input_size, amp=False, rounds=15):
+    """Median images/s of each model, measured in interleaved rounds so that machine noise
+    hits all of them alike."""
+    rates = [[] for _ in models]
+    for _ in range(rounds):
+        for i, m in enumerate(models):
+            rates[i].append(throughput(m, device, batch_size, input_size, amp=amp, warmup=1, repeats=3))
+    return [statistics.median(r) for r in rates]

@@ -25,6 +25,10 @@ import warnings
 
 import numpy as np
 from scipy.stats import norm
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.gaussian_process import GaussianProcessRegressor
+from sklearn.gaussian_process.kernels import ConstantKernel, Matern, WhiteKernel
+from threadpoolctl import threadpool_limits
 
 __all__ = [
     "InfeasibleTarget",
@@ -379,7 +383,6 @@ class GPEI:
         rng = self._rng()
         if self.mode == "random" or self.n_told < self.n_init:
             return self.sampler.sample(1, rng)[0], None
-        from threadpoolctl import threadpool_limits
 
         t0 = time.perf_counter()
         try:
@@ -404,9 +407,6 @@ class GPEI:
         return (X[:, c] - s.lower[c]) / (s.upper[c] - s.lower[c])
 
     def _fit(self, rng):
-        from sklearn.exceptions import ConvergenceWarning
-        from sklearn.gaussian_process import GaussianProcessRegressor
-        from sklearn.gaussian_process.kernels import ConstantKernel, Matern, WhiteKernel
 
         X = self._scale(np.asarray(self._X))
         y = np.asarray(self._y)
@@ -472,28 +472,76 @@ class GPEI:
         return cand[i].copy(), float(ei[i])
 
 
-def run_search(objective, sampler, n_init, n_iter, seed=0, mode="ei", callback=None, **gpei_kw):
-    """Evaluate ``n_init`` random feasible policies then ``n_iter`` EI-chosen ones.
+def run_search(evaluate, sampler, n_init, n_iter, seed=0, mode="ei", history=(), on_record=None, share=None,
+               leader=True, **gpei_kw):
+    """THE search loop: ``n_init`` random feasible policies, then ``n_iter`` EI-chosen ones.
 
-    ``objective(x) -> float`` is maximised. ``callback(record)`` is called after every
-    evaluation with the history record. Extra keywords go to :class:`GPEI`.
+    ``evaluate(x)`` returns the objective (maximised) or ``(objective, extras)`` where ``extras``
+    is a dict stored in the record. ``history`` holds records of an earlier, interrupted run of
+    the same search; they are replayed (told, not evaluated), so the search continues exactly as
+    the uninterrupted one would (every ask depends only on the seed and the told history).
+    ``on_record(record)`` is called after each new evaluation (e.g. to append it to a log).
 
-    Returns ``{"best_x", "best_y", "history", "gp_seconds", "seconds"}``; each history record
-    is ``{"step", "x" (list), "y", "ei", "seconds"}``.
+    Distributed use: every rank calls this with the same arguments; only the ``leader`` asks the
+    GP, and ``share(proposal) -> proposal`` (a broadcast from the leader) hands its proposal to
+    every rank before all of them evaluate it. Extra keywords go to :class:`GPEI`.
+
+    Returns ``{"best_x", "best_y", "best" (its record), "history", "gp_seconds", "seconds"}``; each
+    record is ``{"step", "x" (list), "y", "ei", "phase", "seconds", "gp_seconds", **extras}``.
     """
     opt = GPEI(sampler.dim, sampler, n_init, seed=seed, mode=mode, **gpei_kw)
-    history = []
+    total = int(n_init) + int(n_iter)
+    history = [dict(r) for r in list(history)[:total]]
+    for rec in history:
+        opt.tell(np.asarray(rec["x"], dtype=float), rec["y"])
     t_start = time.perf_counter()
-    for step in range(int(n_init) + int(n_iter)):
-        t0 = time.perf_counter()
-        x, ei = opt.ask()
-        y = float(objective(x))
+    for step in range(len(history), total):
+        t0, gp_before = time.perf_counter(), opt.gp_seconds
+        proposal = None
+        if leader:
+            x, ei = opt.ask()
+            proposal = (np.asarray(x, dtype=np.float64).tolist(), None if ei is None else float(ei))
+        if share is not None:
+            proposal = share(proposal)
+        x, ei = np.asarray(proposal[0], dtype=np.float64), proposal[1]
+        out = evaluate(x)
+        y, extras = out if isinstance(out, tuple) else (out, {})
+        y = float(y)
         opt.tell(x, y)
         record = {"step": step, "x": x.tolist(), "y": y, "ei": ei,
-                  "seconds": time.perf_counter() - t0}
+                  "phase": "init" if step < int(n_init) else mode,
+                  "seconds": time.perf_counter() - t0, "gp_seconds": opt.gp_seconds - gp_before, **extras}
         history.append(record)
-        if callback is not None:
-            callback(record)
-    best_x, best_y = opt.best()
-    return {"best_x": best_x, "best_y": best_y, "history": history,
-            "gp_seconds": opt.gp_seconds, "seconds": time.perf_counter() - t_start}
+        if on_record is not None:
+            on_record(record)
+    best = max(history, key=lambda r: (r["y"], -r["step"])) if history else None
+    return {"best_x": None if best is None else np.asarray(best["x"]), "best_y": None if best is None else best["y"],
+            "best": best, "history": history, "gp_seconds": opt.gp_seconds,
+            "seconds": time.perf_counter() - t_start}
+
+
+def plot_history(history, path, ylabel="search objective"):
+    """Scatter of every evaluation and the best so far (PNG); needs matplotlib (optional).
+    Returns False when matplotlib is not installed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    steps = [r["step"] for r in history]
+    ys = [r["y"] for r in history]
+    running = np.maximum.accumulate(ys) if ys else []
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.scatter(steps, ys, s=12, label="evaluated policy")
+    ax.plot(steps, running, color="C1", label="best so far")
+    n_init = sum(1 for r in history if r.get("phase") == "init")
+    if n_init:
+        ax.axvline(n_init - 0.5, color="grey", linestyle=":", label="end of random population")
+    ax.set_xlabel("evaluation")
+    ax.set_ylabel(ylabel)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True

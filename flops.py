@@ -14,11 +14,16 @@ tokens it receives and its MLP on ``prefix + kept + 1`` tokens when it drops any
 """
 import argparse
 import json
+import sys
 
 import numpy as np
 import torch.nn as nn
 
 import pruning
+from models import build_model, load
+from utils import UserError
+
+DEFAULT_MODEL = "deit_small_patch16_224"
 
 
 def _input_hw(input_size, patch_embed):
@@ -60,7 +65,7 @@ def _block_macs(blk, n_in, num_prefix):
 def model_macs(model, input_size=None):
     """{"macs": int, "params": int, "gmacs": float} of ``model`` at ``input_size`` (int, (H, W) or
     (C, H, W); default the model's image size), from its live shapes and token schedule."""
-    blocks = pruning._blocks(model)
+    blocks = pruning.vit_blocks(model)
     if getattr(model, "attn_pool", None) is not None:
         raise ValueError("attention-pool heads (global_pool='map') are not supported by model_macs")
     pe = model.patch_embed
@@ -75,7 +80,7 @@ def model_macs(model, input_size=None):
     for blk in blocks:
         m, n_tok = _block_macs(blk, n_tok, num_prefix)
         macs += m
-    heads = pruning._classifier_heads(model)
+    heads = pruning.classifier_heads(model)
     vectors = n_tok if (len(heads) == 1 and getattr(model, "global_pool", "token") == "") else 1
     for head in heads:
         macs += vectors * head.in_features * head.out_features
@@ -100,7 +105,7 @@ def policy_gmacs(dims, X, round_to=1):
     heads_kept = pruning.kept_count(np.asarray(dims["num_heads"], np.int64)[None, :], X[:, :depth])
     neurons_kept = pruning.kept_count(np.asarray(dims["mlp_hidden"], np.int64)[None, :], X[:, depth:2 * depth], round_to)
     rate = X[:, 2 * depth]
-    pruning._check_ratio(rate, "token rate")
+    pruning.check_ratio(rate, "token rate")
     schedule = pruning.token_schedule(depth)
     keep = {b: pruning.kept_tokens(num_patches, kr)
             for b, kr in zip(schedule, pruning.token_keep_rates(rate, len(schedule)))}
@@ -127,8 +132,9 @@ def policy_gmacs(dims, X, round_to=1):
 
 def _build_parser():
     p = argparse.ArgumentParser(description="GMACs and parameters of a timm ViT or of a compressed-model file")
-    p.add_argument("--model", default="deit_small_patch16_224", help="timm ViT name or preset of models.py (built with pretrained=False)")
-    p.add_argument("--resume", default="", help="a compressed-model file (loaded with models.load_model_file)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="timm ViT name or preset of models.py (built with pretrained=False)")
+    p.add_argument("--resume", default="", help="a model file (this tool's, dense or compressed; DeiT/timm "
+                   "checkpoints and state dicts with --model NAME)")
     p.add_argument("--input-size", "--input_size", dest="input_size", type=int, default=None,
                    help="image size in pixels (default: the model's)")
     p.add_argument("--num-classes", "--nb_classes", dest="num_classes", type=int, default=None)
@@ -137,36 +143,28 @@ def _build_parser():
 
 
 def main(argv=None):
+    """The CLI: prints GMACs and params; every failure is one line on stderr and exit code 2."""
     args = _build_parser().parse_args(argv)
-    if args.resume:
-        try:
-            from models import load_model_file
-            from utils import UserError
-        except ImportError as exc:
-            raise SystemExit(f"error: --resume needs models.load_model_file, which is not available ({exc})")
-        try:
-            model, _meta = load_model_file(args.resume, device="cpu")
-        except (UserError, pruning.SpecError, OSError) as exc:
-            raise SystemExit(f"error: {exc}")
-        name = args.resume
-    else:
-        from models import build_model
-        from utils import UserError
-        kwargs = {}
-        if args.num_classes is not None:
-            kwargs["num_classes"] = args.num_classes
-        try:
+    try:
+        if args.resume:
+            model, arch, _ = load(args.resume, model_name=None if args.model == DEFAULT_MODEL else args.model,
+                                  input_size=args.input_size)
+            name, size = args.resume, arch["input_size"]
+        else:
+            kwargs = {} if args.num_classes is None else {"num_classes": args.num_classes}
             model = build_model(args.model, img_size=args.input_size, **kwargs)
-        except UserError as exc:
-            raise SystemExit(f"error: {exc}")
-        name = args.model
-    stats = model_macs(model, args.input_size)
+            name, size = args.model, args.input_size
+        stats = model_macs(model, size)
+    except (UserError, ValueError) as exc:  # SpecError is a ValueError: a block type we cannot count
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if args.json:
         print(json.dumps({"model": name, "gmacs": round(stats["macs"] / 1e9, 6), "params": stats["params"],
                           "macs": stats["macs"]}))
     else:
         print(f"{name}: {stats['macs'] / 1e9:.3f} GMACs, {stats['params'] / 1e6:.2f} M params")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

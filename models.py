@@ -8,9 +8,16 @@ Every checkpoint this project writes carries an ``arch`` entry of primitives:
 import difflib
 import logging
 
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import resample_abs_pos_embed
+from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import VisionTransformer
 
-from utils import CheckpointError, UserError, load_checkpoint_file, state_dict_of
+from pruning import apply_spec
+from utils import CheckpointError, UserError, clean_message, load_checkpoint_file, save_atomic, state_dict_of
 
 logger = logging.getLogger("vitcompress")
 
@@ -32,12 +39,10 @@ class ModelError(UserError):
 
 
 def _all_model_names():
-    import timm
     return list(PRESETS) + timm.list_models("*vit*") + timm.list_models("deit*")
 
 
 def check_model_name(name):
-    import timm
     if name in PRESETS or name in timm.list_models():
         return
     close = difflib.get_close_matches(name, _all_model_names(), n=4, cutoff=0.6)
@@ -49,7 +54,6 @@ def check_model_name(name):
 def build_model(name, num_classes=1000, img_size=None, pretrained=False, drop_rate=0.0, drop_path_rate=0.0,
                 **extra):
     """A timm ViT/DeiT by name, or one of PRESETS. Raises ModelError with close names."""
-    import timm
     check_model_name(name)
     kwargs = dict(num_classes=num_classes, drop_rate=drop_rate, drop_path_rate=drop_path_rate, **extra)
     if name in PRESETS:
@@ -59,7 +63,6 @@ def build_model(name, num_classes=1000, img_size=None, pretrained=False, drop_ra
         if img_size is not None:
             preset["img_size"] = img_size
         if distilled:
-            from timm.models.deit import VisionTransformerDistilled
             model = VisionTransformerDistilled(**preset)
         else:
             model = VisionTransformer(**preset)
@@ -70,6 +73,9 @@ def build_model(name, num_classes=1000, img_size=None, pretrained=False, drop_ra
             kwargs["img_size"] = img_size
         try:
             model = timm.create_model(name, pretrained=pretrained, **kwargs)
+        except TypeError as e:  # a non-ViT rejects ViT keywords such as img_size
+            raise ModelError(f"model '{name}' is not a timm VisionTransformer ({clean_message(e)}); this tool "
+                             f"compresses ViT/DeiT models") from e
         except (OSError, RuntimeError, ValueError) as e:
             if pretrained:
                 raise ModelError(f"could not load pretrained weights for {name} ({type(e).__name__}: "
@@ -78,6 +84,19 @@ def build_model(name, num_classes=1000, img_size=None, pretrained=False, drop_ra
     if not isinstance(model, VisionTransformer):
         raise ModelError(f"model '{name}' is a {type(model).__name__}, not a timm VisionTransformer")
     return model
+
+
+def native_input_size(name):
+    """The image size a model was defined for (a preset's img_size, timm's pretrained config)."""
+    if name in PRESETS:
+        return PRESETS[name]["img_size"]
+    try:
+        cfg = timm.models.get_pretrained_cfg(name)
+    except (RuntimeError, ValueError, AttributeError):
+        cfg = None
+    if cfg is not None and cfg.input_size:
+        return int(cfg.input_size[-1])
+    return 224
 
 
 def model_arch(name, model, input_size, mean, std, model_kwargs=None):
@@ -112,25 +131,9 @@ def load_state_strict(model, state, source):
     model.load_state_dict(state, strict=True)
 
 
-def load_weights(model, path, key_preference=("model",)):
-    """Load exact-matching weights (``--resume``, ``--eval``) from a checkpoint or state dict."""
-    ckpt = load_checkpoint_file(path)
-    state = None
-    for key in key_preference:
-        if isinstance(ckpt.get(key), dict):
-            state = ckpt[key]
-            break
-    if state is None:
-        state = state_dict_of(ckpt)
-    load_state_strict(model, state, path)
-    return ckpt
-
-
 def load_finetune(model, path):
     """Initialise from a file or URL (``--finetune``): drops a classifier of another size and
     interpolates position embeddings to the model's grid."""
-    from timm.layers import resample_abs_pos_embed
-
     ckpt = load_checkpoint_file(path)
     arch = ckpt.get("arch") if isinstance(ckpt.get("arch"), dict) else None
     if arch and arch.get("prune_spec"):
@@ -168,28 +171,147 @@ def build_from_arch(arch):
         raise CheckpointError(f"checkpoint 'arch' entry is incomplete ({e})") from e
     spec = arch.get("prune_spec")
     if spec:
-        from pruning import apply_spec
         apply_spec(model, spec)
     return model
 
 
-def load_model_file(path, device="cpu", use_ema=False, ckpt=None):
-    """Load a model file written by this project: returns (model, ckpt). The model is in eval mode.
-    ``ckpt`` is the file's already-loaded contents, when the caller has read them."""
-    ckpt = load_checkpoint_file(path) if ckpt is None else ckpt
+def _strip_prefix(state):
+    """Drop the ``module.`` prefix a DDP-wrapped model leaves in its state dict."""
+    if state and all(k.startswith("module.") for k in state):
+        return {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
+def inspect_checkpoint(ckpt, path):
+    """What a loaded checkpoint holds, without building anything.
+
+    Returns {"format", "arch" (ours, or None), "model" (a name, or None), "input_size" (or None),
+    "num_classes" (or None), "state", "training" (holds optimizer state this tool can resume)}.
+    Formats: this tool's model / training files (an ``arch`` dict); DeiT's ``main.py`` training
+    checkpoint (``model`` + ``args`` with model and input_size); timm's ``train.py`` checkpoint
+    (``state_dict`` + ``arch`` = model name); DeiT's release files (``{"model": state_dict}``);
+    timm ``.safetensors`` and bare state dicts.
+    """
     arch = ckpt.get("arch")
-    if not isinstance(arch, dict):
+    if isinstance(arch, dict):
+        return {"format": "this tool's model file", "arch": arch, "model": arch.get("model"),
+                "input_size": arch.get("input_size"), "num_classes": arch.get("num_classes"),
+                "state": None, "training": "optimizer" in ckpt and "epoch" in ckpt}
+    state = _strip_prefix(state_dict_of(ckpt))
+    args = ckpt.get("args") if isinstance(ckpt.get("args"), dict) else {}
+    name, size = None, None
+    if isinstance(arch, str):
+        fmt, name = "timm train.py checkpoint", arch
+        size = args.get("img_size") or (args.get("input_size") or [None])[-1] if args else None
+    elif args:
+        fmt, name, size = "DeiT main.py checkpoint", args.get("model"), args.get("input_size")
+    elif set(ckpt) == {"model"} or "model" in ckpt:
+        fmt = "DeiT release file"
+    else:
+        fmt = "state dict"
+    head = state.get("head.weight")
+    ncls = int(head.shape[0]) if isinstance(head, torch.Tensor) and head.dim() == 2 else None
+    return {"format": fmt, "arch": None, "model": name if isinstance(name, str) else None,
+            "input_size": int(size) if isinstance(size, (int, float)) else None, "num_classes": ncls,
+            "state": state, "training": False}
+
+
+def class_mismatch_error(path, file_classes, data_classes):
+    return CheckpointError(f"{path} has a {file_classes}-class head but the data set has {data_classes} classes; "
+                           f"to adapt it to this data set train from it with --finetune {path} (a new head)")
+
+
+def load(path, model_name=None, input_size=None, num_classes=None, mean=None, std=None, ckpt=None,
+         use_ema=False, device="cpu"):
+    """THE loader for every model file a user holds: returns (model in eval mode, arch, ckpt).
+
+    Reads ``path`` once (or uses ``ckpt``, its already-loaded contents). A file of this tool
+    rebuilds its own (dense or compressed) architecture; other formats (see inspect_checkpoint)
+    build ``model_name`` (or the name the file records) at ``input_size`` with the head size
+    found in the weights. ``num_classes``, when given, must match the file's head.
+    """
+    ckpt = load_checkpoint_file(path) if ckpt is None else ckpt
+    info = inspect_checkpoint(ckpt, path)
+    if info["arch"] is not None:
+        arch = info["arch"]
+        if model_name and model_name != arch.get("model"):
+            raise CheckpointError(f"{path} holds a {arch.get('model')} model, not {model_name}")
+        model = build_from_arch(arch)
+        ema = ckpt.get("model_ema")
+        state = ema if use_ema and isinstance(ema, dict) else state_dict_of(ckpt)
+    else:
+        name = model_name or info["model"]
+        if not name:
+            raise CheckpointError(f"{path} ({info['format']}) holds weights without a model name: "
+                                  f"pass --model NAME (e.g. deit_small_patch16_224)")
+        if info["model"] and model_name and info["model"] != model_name:
+            raise CheckpointError(f"{path} records model {info['model']}, not {model_name}")
+        if info["num_classes"] is None:
+            raise CheckpointError(f"{path} has no classifier weights (head.weight): not a ViT classifier file")
+        size = input_size or info["input_size"]
+        model = build_model(name, num_classes=info["num_classes"], img_size=size)
+        size = size or int(model.patch_embed.img_size[0])
+        arch = model_arch(name, model, size, mean or (0.5, 0.5, 0.5), std or (0.5, 0.5, 0.5))
+        state = info["state"]
+    if num_classes is not None and arch["num_classes"] != num_classes:
+        raise class_mismatch_error(path, arch["num_classes"], num_classes)
+    load_state_strict(model, _strip_prefix(state), path)
+    return model.to(device).eval(), arch, ckpt
+
+
+def load_model_file(path, device="cpu", use_ema=False, ckpt=None):
+    """A model file written by this tool: (model in eval mode, ckpt). See ``load``."""
+    ckpt = load_checkpoint_file(path) if ckpt is None else ckpt
+    if not isinstance(ckpt.get("arch"), dict):
         raise CheckpointError(f"{path} has no 'arch' entry: not a model file written by this tool "
-                              f"(use --model NAME --finetune {path} for plain weights)")
-    model = build_from_arch(arch)
-    state = ckpt.get("model_ema") if use_ema and isinstance(ckpt.get("model_ema"), dict) else state_dict_of(ckpt)
-    load_state_strict(model, state, path)
-    return model.to(device).eval(), ckpt
+                              f"(use --model NAME --resume {path} or --finetune {path} for plain weights)")
+    model, _, ckpt = load(path, ckpt=ckpt, use_ema=use_ema, device=device)
+    return model, ckpt
+
+
+class ResizeInput(nn.Module):
+    """Feeds a model (a teacher) its own input size when the student's differs."""
+
+    def __init__(self, model, size):
+        super().__init__()
+        self.model = model
+        self.size = int(size)
+
+    def forward(self, x):
+        if x.shape[-1] != self.size or x.shape[-2] != self.size:
+            x = F.interpolate(x, size=(self.size, self.size), mode="bicubic", align_corners=False)
+        return self.model(x)
+
+
+def build_teacher(name, path, num_classes, input_size):
+    """The distillation teacher: a model file of this tool, or any timm classifier ``name``
+    (DeiT's recipe: regnety_160) with weights from ``path``; inputs are resized to the
+    teacher's own size when it has one (a ViT trained at another resolution)."""
+    if not path:
+        raise UserError("distillation needs --teacher-path (a weights file or a model file of this tool)")
+    ckpt = load_checkpoint_file(path)
+    if isinstance(ckpt.get("arch"), dict):
+        teacher, arch, _ = load(path, ckpt=ckpt)
+        own = arch["input_size"]
+    else:
+        check_model_name(name)
+        try:
+            teacher = timm.create_model(name, num_classes=num_classes)
+        except (RuntimeError, ValueError, TypeError) as e:
+            raise ModelError(f"cannot build teacher {name}: {clean_message(e)}") from e
+        load_state_strict(teacher, _strip_prefix(state_dict_of(ckpt)), path)
+        embed = getattr(teacher, "patch_embed", None)
+        own = int(embed.img_size[0]) if embed is not None and getattr(embed, "img_size", None) else None
+    if getattr(teacher, "num_classes", num_classes) != num_classes:
+        raise class_mismatch_error(path, teacher.num_classes, num_classes)
+    if own and own != input_size:
+        logger.info(f"teacher runs at its own input size {own} (student {input_size})")
+        teacher = ResizeInput(teacher, own)
+    return teacher.eval()
 
 
 def save_model_file(path, model, arch, extra=None):
     """Write a self-contained model file: arch primitives + state dict (+ extra primitives)."""
-    from utils import save_atomic
     obj = {"arch": arch, "model": model.state_dict()}
     if extra:
         obj.update(extra)

@@ -53,6 +53,7 @@ The class-token attention row is computed from the class token's query only,
 ``scaled_dot_product_attention`` kernel and no N x N matrix is materialised.
 """
 import copy
+import json
 
 import numpy as np
 import torch
@@ -75,7 +76,7 @@ class SpecError(ValueError):
 # model shapes
 # --------------------------------------------------------------------------------------------
 
-def _blocks(model):
+def vit_blocks(model):
     blocks = getattr(model, "blocks", None)
     if blocks is None:
         raise SpecError(f"{type(model).__name__} has no .blocks: not a timm VisionTransformer")
@@ -94,7 +95,7 @@ def _blocks(model):
     return out
 
 
-def _classifier_heads(model):
+def classifier_heads(model):
     heads = [getattr(model, "head", None), getattr(model, "head_dist", None)]
     return [h for h in heads if isinstance(h, nn.Linear)]
 
@@ -107,7 +108,7 @@ def model_dims(model):
     img_size [h, w], num_classifier_heads (1, or 2 for distilled DeiT), global_pool, attn_gate,
     has_class_token, and token_reduction (the live schedule: [[block, kept], ...], or None).
     """
-    blocks = _blocks(model)
+    blocks = vit_blocks(model)
     attn0 = blocks[0].attn
     pe = model.patch_embed
     proj = pe.proj
@@ -129,7 +130,7 @@ def model_dims(model):
         "in_chans": int(in_chans),
         "patch_size": [int(p) for p in patch_size],
         "img_size": None if img_size is None else [int(s) for s in img_size],
-        "num_classifier_heads": len(_classifier_heads(model)),
+        "num_classifier_heads": len(classifier_heads(model)),
         "global_pool": getattr(model, "global_pool", "token"),
         "attn_gate": getattr(attn0, "gate", None) is not None,
         "has_class_token": getattr(model, "cls_token", None) is not None,
@@ -158,7 +159,7 @@ def token_schedule(depth):
     return out
 
 
-def _check_ratio(ratio, what="removal ratio"):
+def check_ratio(ratio, what="removal ratio"):
     r = np.asarray(ratio, dtype=np.float64)
     bad = ~((r >= 0.0) & (r < 1.0))
     if bad.any():
@@ -177,7 +178,7 @@ def kept_count(total, remove_ratio, round_to=1):
     if round_to < 1:
         raise SpecError(f"round_to must be >= 1, got {round_to}")
     scalar = np.ndim(total) == 0 and np.ndim(remove_ratio) == 0
-    r = _check_ratio(remove_ratio)
+    r = check_ratio(remove_ratio)
     tot = np.asarray(total, dtype=np.int64)
     kept = tot - np.floor(r * tot + 0.5).astype(np.int64)
     if round_to > 1:
@@ -332,6 +333,31 @@ def policy_to_spec(policy, rankings, dims, round_to=1, fuse="mean"):
     return spec
 
 
+def slice_model(dense, policy, rankings, round_to=1, fuse="mean"):
+    """A physically compressed COPY of the dense model: ``policy`` applied with ``rankings``
+    (least important first). The dense model is left as it was; the copy's ``prune_spec`` holds
+    the spec (see ``policy_to_spec``)."""
+    spec = policy_to_spec(policy, rankings, model_dims(dense), round_to=round_to, fuse=fuse)
+    return apply_spec(copy.deepcopy(dense), spec)
+
+
+def read_policy_file(path):
+    """(policy, rankings or None, contents) from a policy JSON: a search's ``best_policy.json``
+    (which carries the rankings its policies were scored with) or a bare policy dict."""
+    try:
+        with open(path) as f:
+            loaded = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise SpecError(f"cannot read policy {path}: {e}") from e
+    if not isinstance(loaded, dict):
+        raise SpecError(f"policy {path} must hold a JSON object, found {type(loaded).__name__}")
+    policy = loaded.get("policy", loaded)
+    rankings = loaded.get("rankings")
+    if rankings is not None and not (isinstance(rankings, dict) and "heads" in rankings and "neurons" in rankings):
+        raise SpecError(f"policy {path} has a malformed 'rankings' entry")
+    return policy, rankings, loaded
+
+
 def _check_indices(idx, total, what, block):
     if not isinstance(idx, (list, tuple)):
         raise SpecError(f"{what} indices of block {block} must be a list, got {type(idx).__name__}")
@@ -471,7 +497,7 @@ def apply_spec(model, spec):
     before the first change, so a refused spec leaves the model untouched. The canonical spec
     (sorted indices) is stored as ``model.prune_spec``; the state dict keys stay those of timm.
     """
-    blocks = _blocks(model)
+    blocks = vit_blocks(model)
     dims = model_dims(model)
     validate_spec(spec, dims)
     spec = _canonical(spec)

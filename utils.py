@@ -3,6 +3,7 @@
 Nothing here reads argparse: functions take plain values (or an object with the
 attributes they name) so that library code and tests can call them directly.
 """
+import argparse
 import datetime
 import json
 import logging
@@ -209,7 +210,18 @@ def read_jsonl(path):
     return records
 
 
+def write_jsonl(path, records):
+    """Rewrite a JSON-lines file with ``records`` (rank 0 only), atomically."""
+    if not is_main_process():
+        return
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    os.replace(tmp, path)
+
+
 def write_json_atomic(path, obj):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=2)
@@ -286,32 +298,61 @@ def save_atomic(obj, path):
     os.replace(tmp, path)
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def clean_message(exc, limit=300):
+    """An exception's text as one readable line: terminal colour codes removed, whitespace
+    collapsed, cut at a word boundary with an ellipsis when longer than ``limit``."""
+    text = _ANSI.sub("", str(exc)).strip() or type(exc).__name__
+    text = " ".join(text.split())
+    if len(text) > limit:
+        text = text[:limit].rsplit(" ", 1)[0] + " ..."
+    return text
+
+
+def _torch_load(path):
+    """weights_only load that also accepts the ``argparse.Namespace`` that DeiT's and timm's
+    training scripts store under ``args`` (allow-listed; nothing else is unpickled)."""
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def load_checkpoint_file(path):
-    """Load a checkpoint of primitives with ``weights_only=True``; one-line errors otherwise."""
+    """Load a checkpoint of primitives with ``weights_only=True``; one-line errors otherwise.
+
+    A stored ``argparse.Namespace`` (DeiT's ``main.py``, timm's ``train.py``) comes back as a
+    plain dict under the same key."""
     if path.startswith("http://") or path.startswith("https://"):
         try:
-            return torch.hub.load_state_dict_from_url(path, map_location="cpu", check_hash=False,
-                                                      weights_only=True)
+            obj = torch.hub.load_state_dict_from_url(path, map_location="cpu", check_hash=False,
+                                                     weights_only=True)
         except Exception as e:  # network and format errors alike: name them in one line
-            raise CheckpointError(f"could not fetch checkpoint {path}: {type(e).__name__}: {e}") from e
-    if not os.path.exists(path):
-        raise CheckpointError(f"checkpoint not found: {path}")
-    if os.path.isdir(path):
-        raise CheckpointError(f"checkpoint path is a folder, not a file: {path}")
-    if path.endswith(".safetensors"):
+            raise CheckpointError(f"could not fetch checkpoint {path}: {type(e).__name__}: {clean_message(e)}") from e
+    else:
+        if not os.path.exists(path):
+            raise CheckpointError(f"checkpoint not found: {path}")
+        if os.path.isdir(path):
+            raise CheckpointError(f"checkpoint path is a folder, not a file: {path}")
+        if path.endswith(".safetensors"):
+            try:
+                from safetensors.torch import load_file
+                return load_file(path)
+            except Exception as e:  # safetensors raises its own error types
+                raise CheckpointError(f"{path} is not a readable safetensors file: {clean_message(e)}") from e
         try:
-            from safetensors.torch import load_file
-            return load_file(path)
-        except Exception as e:
-            raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from e
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path} is corrupt or not a PyTorch checkpoint of plain data ({first[:200]})") from e
+            obj = _torch_load(path)
+        except Exception as e:  # torch.load raises many types for bad files: name them in one line
+            text = clean_message(e)
+            if "weights_only" in text or "Unsupported global" in text or "GLOBAL" in text:
+                found = re.search(r"GLOBAL ([\w.]+)", str(e))
+                what = f" (it stores a {found.group(1)} object)" if found else ""
+                raise CheckpointError(f"{path} holds pickled Python objects{what}, which are not loaded for "
+                                      f"safety; save its state_dict instead") from e
+            raise CheckpointError(f"{path} is corrupt or not a PyTorch checkpoint ({text})") from e
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} does not hold a state dict or checkpoint dict (found {type(obj).__name__})")
-    return obj
+    return {k: (vars(v) if isinstance(v, argparse.Namespace) else v) for k, v in obj.items()}
 
 
 def state_dict_of(obj):
@@ -322,3 +363,55 @@ def state_dict_of(obj):
     if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         return obj
     raise CheckpointError("checkpoint holds no model weights (no 'model' or 'state_dict' entry)")
+
+
+# --------------------------------------------------------------------------- decisions and run identity
+
+def decide_on_rank0(fn):
+    """Run ``fn()`` on rank 0 only and give every rank its result, or raise its UserError on
+    every rank: a control-flow decision (skip, resume, refuse) taken once, identically."""
+    result, error = None, None
+    if is_main_process():
+        try:
+            result = fn()
+        except UserError as e:
+            error = (type(e).__name__, str(e))
+    result, error = broadcast_object((result, error))
+    if error is not None:
+        raise UserError(error[1])
+    return result
+
+
+def _differences(old, new, prefix=""):
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key, "<unset>"), new.get(key, "<unset>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key} {a!r} -> {b!r}" if len(repr(a)) + len(repr(b)) < 80 else f"{prefix}{key}")
+    return out
+
+
+def check_run_identity(run_dir, identity, step, fresh=False):
+    """One rule for every resumable step: ``run_dir/run.json`` records what defines the run
+    (primitives). A new run writes it; a rerun with the same identity continues; a different
+    one is refused with a one-line error naming the differences; ``fresh=True`` (a run that
+    starts over rather than continues) records its identity over the old one. Call from rank 0
+    (see ``decide_on_rank0``). Returns True when ``run_dir`` already held this run."""
+    os.makedirs(run_dir, exist_ok=True)
+    path = os.path.join(run_dir, "run.json")
+    identity = json.loads(json.dumps(identity))  # primitives, as stored
+    if os.path.exists(path) and not fresh:
+        try:
+            with open(path) as f:
+                old = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise UserError(f"{path} is unreadable ({clean_message(e)}); delete it to start this {step} afresh") from e
+        diff = _differences(old, identity)
+        if diff:
+            raise UserError(f"{run_dir} holds another {step} run ({'; '.join(diff[:4])}); "
+                            f"use another --output_dir or delete {run_dir}")
+        return True
+    write_json_atomic(path, identity)
+    return False

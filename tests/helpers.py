@@ -71,3 +71,6 @@ def run_and_kill(args, log, lines, timeout=240, poll=0.02):
     proc.wait()
     assert alive, f"main.py {' '.join(map(str, args))} ended before it could be killed"
     return len(open(log).read().splitlines())
+
+
+PY = sys.executable
