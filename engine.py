@@ -257,7 +257,7 @@ def fit(model, train_loader, val_loader, recipe, device, num_classes, run_dir=No
     With ``run_dir``, every epoch atomically writes ``checkpoint.pth`` (arch, weights, optimizer,
     scheduler, scaler, EMA, epoch, best, ``extra`` primitives), ``best.pth`` and one line of
     ``log.jsonl``. ``resume`` is a loaded training checkpoint of this tool (its contents): the run
-    continues after its epoch, and the log keeps only the epochs before that one.
+    continues after its epoch, and the log holds exactly the epochs up to that one.
     """
     model.to(device)
     inner = model
@@ -286,7 +286,10 @@ def fit(model, train_loader, val_loader, recipe, device, num_classes, run_dir=No
     if log_path and rank == 0 and os.path.exists(log_path):  # a restart must not append to a stale log
         records = read_jsonl(log_path)
         kept = [r for r in records if r.get("epoch", -1) < start_epoch]
-        if len(kept) != len(records) or os.path.getsize(log_path) != sum(len(json.dumps(r)) + 1 for r in records):
+        last = (resume or {}).get("log_record")
+        if isinstance(last, dict) and not any(r.get("epoch") == last.get("epoch") for r in kept):
+            kept.append(last)  # killed after the checkpoint, before its log line
+        if kept != records or os.path.getsize(log_path) != sum(len(json.dumps(r)) + 1 for r in records):
             write_jsonl(log_path, kept)
 
     scheduler.step_update(start_epoch * steps)
@@ -315,14 +318,14 @@ def fit(model, train_loader, val_loader, recipe, device, num_classes, run_dir=No
         logger.info(f"{tag} epoch {epoch}: loss {train_stats.get('loss', float('nan')):.4f} "
                     f"val top-1 {stats['acc1']:.2f} top-5 {stats['acc5']:.2f} (best {best['acc1']:.2f}) "
                     f"elapsed {format_seconds(elapsed)} eta {format_seconds(eta)}")
-        if run_dir:  # the log line first: a resume drops lines after the checkpoint's epoch, so none is lost
+        if run_dir:  # the checkpoint carries its epoch's log line: a kill between the two loses none
             record = {"epoch": epoch, **{f"train_{k}": v for k, v in train_stats.items()},
                       **{f"test_{k}": v for k, v in stats.items()}, "seconds": round(elapsed, 2)}
             if ema_stats:
                 record.update({f"ema_{k}": v for k, v in ema_stats.items()})
-            append_jsonl(log_path, record)
             _write_epoch(run_dir, inner, arch, optimizer, scheduler, scaler, model_ema, epoch, best, is_best,
-                         stats, extra)
+                         stats, dict(extra or {}, log_record=record))
+            append_jsonl(log_path, record)
     return stats
 
 

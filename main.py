@@ -125,7 +125,8 @@ def get_args_parser():
     g.add_argument("--device", default=None, help="cuda when available, else cpu")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--finetune", default="", help="initialise from a file or URL (mismatched head dropped)")
-    g.add_argument("--resume", default="", help="checkpoint to resume or to compress; 'auto' = output_dir/checkpoint.pth")
+    g.add_argument("--resume", default="", help="checkpoint to resume, evaluate or compress (this tool's, DeiT's, timm's, .safetensors, a state "
+                        "dict); 'auto' = output_dir/checkpoint.pth; a fresh training in a used folder starts a new log")
     g.add_argument("--start_epoch", "--start-epoch", dest="start_epoch", type=int, default=0)
     g.add_argument("--eval", action="store_true", help="evaluate only")
     g.add_argument("--throughput", action="store_true", help="measure images/s, GMACs and params, then exit")
@@ -151,7 +152,8 @@ def get_args_parser():
     g.add_argument("--criterion", default="hsic", choices=["hsic", "magnitude", "random"],
                    help="how components are ranked (hsic: the paper's dependency criterion)")
     g.add_argument("--criterion-batches", type=int, default=None,
-                   help="training batches (per process) the criterion averages over (default 4)")
+                   help="training batches (per process) the criterion averages over (default 4); a criterion "
+                        "batch holds max(--batch-size, 16) images")
     g.add_argument("--head-lambda", type=float, default=0.1, help="weight of head redundancy")
     g.add_argument("--neuron-alpha", type=float, default=0.1, help="weight of neuron relevance vs |activation|")
     g.add_argument("--no-head-normalize", dest="head_normalize", action="store_false", default=True,
@@ -175,8 +177,8 @@ def get_args_parser():
     g.add_argument("--search-pool", type=int, default=None,
                    help="fresh feasible candidates scored by EI per step (IMNET: 10000, DIGITS: 1000)")
     g.add_argument("--search-holdout", default=None,
-                   help="search split held out of the training set: images (int) or a fraction "
-                        "(default: 20%% of the training set, at most 10000 images)")
+                   help="search split held out of the training set: a number of images (500) or a fraction "
+                        "in (0, 1) (0.2); default 20%% of the training set, at most 10000 images")
     g.add_argument("--search-on-val", action="store_true",
                    help="score candidates on the validation set (the paper's setting; biased)")
     g.add_argument("--round-to", type=int, default=8,
@@ -199,7 +201,7 @@ def get_args_parser():
     g.add_argument("--token_sparsity", "--token-sparsity", dest="token_sparsity", type=float, default=None,
                    help="token-removal rate r (keep (1-r)^k at the k-th reduction)")
     g.add_argument("--policy", default="", help="policy JSON (default: output_dir/search/best_policy.json)")
-    g.add_argument("--finetune-epochs", type=int, default=None, help="finetuning epochs (IMNET: 30, DIGITS: 30)")
+    g.add_argument("--finetune-epochs", type=int, default=None, help="finetuning epochs (IMNET: 30, DIGITS: 30); 0 = prune only, no finetuning")
     g.add_argument("--finetune-lr", type=float, default=None, help="finetuning base lr (IMNET: 5e-5, DIGITS: 2e-3)")
 
     g = p.add_argument_group("pipeline")
@@ -333,13 +335,6 @@ def make_recipe(cfg, world_size, finetune=False):
                               distillation=cfg.distillation_type or ("soft" if finetune else "none"))
 
 
-def plain(d):
-    """Only primitives survive into checkpoints (weights_only=True loads them)."""
-    ok = (bool, int, float, str)
-    return {k: v if v is None or isinstance(v, ok) else list(v) if isinstance(v, (list, tuple)) and
-            all(isinstance(x, ok) for x in v) else str(v) for k, v in d.items()}
-
-
 # ----------------------------------------------------------------------------- modes
 
 def run_train(ctx):
@@ -362,7 +357,7 @@ def run_train(ctx):
                 f"epochs, {ctx.world_size} process(es), device {ctx.device}")
     stats = engine.fit(model, data["train"], data["val"], recipe, ctx.device, data["num_classes"], run_dir=ctx.out,
                        arch=arch, teacher=teacher, resume=state, distributed=ctx.distributed, amp=ctx.amp,
-                       rank=ctx.rank, extra={"args": plain(vars(cfg)), "recipe": recipe.as_dict()})
+                       rank=ctx.rank, extra={"args": utils.primitives(vars(cfg)), "recipe": recipe.as_dict()})
     logger.info(f"final val top-1 {stats['acc1']:.2f} top-5 {stats['acc5']:.2f}")
     return stats
 
@@ -498,7 +493,8 @@ def run_search(ctx):
                 f"(target {target:.4g}); val top-1 before finetune {val['acc1']:.2f}")
     if out and ctx.rank == 0:
         utils.write_json_atomic(os.path.join(out, "best_policy.json"), result)
-        ei.plot_history(res["history"], os.path.join(out, "search.png"), "top-1 on the search split (%)")
+        if not ei.plot_history(res["history"], os.path.join(out, "search.png"), "top-1 on the search split (%)"):
+            logger.info("matplotlib is not installed: no search plot (pip install matplotlib)")
     return result
 
 
@@ -565,14 +561,14 @@ def run_prune_finetune(ctx):
     stats = engine.fit(model, data["train"], data["val"], recipe, ctx.device, data["num_classes"], run_dir=run_dir,
                        arch=arch, teacher=dense if recipe.distillation != "none" else None, resume=state,
                        distributed=ctx.distributed, amp=ctx.amp, rank=ctx.rank, tag="finetune",
-                       extra={"args": plain(vars(cfg)), "recipe": recipe.as_dict()})
+                       extra={"args": utils.primitives(vars(cfg)), "recipe": recipe.as_dict()})
     result = {"policy": policy, "policy_source": source, "dense_gmacs": dense_m["macs"] / 1e9,
               "gmacs": comp_m["macs"] / 1e9, "dense_params": dense_m["params"], "params": comp_m["params"],
               "dense_acc1": dense_stats["acc1"], "acc1_before_finetune": before["acc1"], "acc1": stats["acc1"],
               "acc5": stats["acc5"], "finetune_epochs": recipe.epochs}
     if run_dir and ctx.rank == 0:
         result["file"] = os.path.join(run_dir, "compressed.pth")
-        models.save_model_file(result["file"], model, arch, extra={"val": stats, "args": plain(vars(cfg))})
+        models.save_model_file(result["file"], model, arch, extra={"val": stats, "args": utils.primitives(vars(cfg))})
         utils.write_json_atomic(os.path.join(run_dir, "result.json"), result)
         logger.info(f"compressed model written to {result['file']} (load it with models.load)")
     logger.info(f"prune+finetune done: val top-1 {stats['acc1']:.2f} (dense {dense_stats['acc1']:.2f}, "
@@ -631,14 +627,14 @@ def run_pipeline(ctx):
     summary = {"rows": table, "seconds": round(time.time() - t0, 1), "device": str(ctx.device),
                "throughput_batch": cfg.throughput_batch}
     utils.write_json_atomic(os.path.join(ctx.out, "summary.json"), summary)
-    lines = ["| model | GMACs | params (M) | val top-1 | top-1 before finetune | images/s | speed-up | MACs ratio |",
-             "|" + "---|" * 8] + [
-        f"| {t['model']} | {t['gmacs']:.4g} | {t['params'] / 1e6:.3f} | {t['acc1']:.2f} | "
-        f"{'' if t['acc1_before_finetune'] is None else format(t['acc1_before_finetune'], '.2f')} | "
-        f"{t['images_per_s']:.0f} | {t['speedup']:.2f}x | {t['macs_ratio']:.2f}x |" for t in table]
+    text = utils.markdown_table(table, [("model", "{}"), ("GMACs", "gmacs", "{:.4g}"), ("params (M)", "params", "{:.3f}", 1e-6),
+                                        ("val top-1", "acc1", "{:.2f}"),
+                                        ("top-1 before finetune", "acc1_before_finetune", "{:.2f}"),
+                                        ("images/s", "images_per_s", "{:.0f}"), ("speed-up", "speedup", "{:.2f}x"),
+                                        ("MACs ratio", "macs_ratio", "{:.2f}x")])
     with open(os.path.join(ctx.out, "summary.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+        f.write(text + "\n")
+    print(text)
     logger.info(f"pipeline finished in {utils.format_seconds(summary['seconds'])}; summary in {ctx.out}/summary.md")
     return summary
 
@@ -657,7 +653,7 @@ def main(args):
         utils.seed_everything(cfg.seed + ctx.rank)
         if ctx.out and ctx.rank == 0:
             os.makedirs(ctx.out, exist_ok=True)
-            utils.write_json_atomic(os.path.join(ctx.out, "args.json"), plain(vars(cfg)))
+            utils.write_json_atomic(os.path.join(ctx.out, "args.json"), utils.primitives(vars(cfg)))
         mode = next((fn for name, fn in MODES if getattr(cfg, name)), run_train)
         return mode(ctx)
     finally:

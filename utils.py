@@ -210,6 +210,25 @@ def read_jsonl(path):
     return records
 
 
+def primitives(d):
+    """Only primitives survive into checkpoints (weights_only=True loads them)."""
+    ok = (bool, int, float, str)
+    return {k: v if v is None or isinstance(v, ok) else list(v) if isinstance(v, (list, tuple)) and
+            all(isinstance(x, ok) for x in v) else str(v) for k, v in d.items()}
+
+
+def markdown_table(rows, columns):
+    """A Markdown table of dict rows. Each column is (title, key, format[, scale]) or (key, format)
+    with the key as title; a missing or None value is left empty."""
+    cols = [(c[0], c[0], c[1], 1) if len(c) == 2 else (c[0], c[1], c[2], c[3] if len(c) > 3 else 1) for c in columns]
+    lines = ["| " + " | ".join(c[0] for c in cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        cells = ["" if r.get(key) is None else fmt.format(r[key] * scale if scale != 1 else r[key])
+                 for _, key, fmt, scale in cols]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def write_jsonl(path, records):
     """Rewrite a JSON-lines file with ``records`` (rank 0 only), atomically."""
     if not is_main_process():
@@ -344,7 +363,7 @@ def load_checkpoint_file(path):
             obj = _torch_load(path)
         except Exception as e:  # torch.load raises many types for bad files: name them in one line
             text = clean_message(e)
-            if "weights_only" in text or "Unsupported global" in text or "GLOBAL" in text:
+            if "Unsupported global" in str(e) or "GLOBAL " in str(e):
                 found = re.search(r"GLOBAL ([\w.]+)", str(e))
                 what = f" (it stores a {found.group(1)} object)" if found else ""
                 raise CheckpointError(f"{path} holds pickled Python objects{what}, which are not loaded for "

@@ -297,3 +297,15 @@ def test_finished_pipeline_rerun_under_torchrun_redoes_nothing(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     assert "using the finished search" in res.stderr and "using the finished prune+finetune" in res.stderr
     assert [(f.stat().st_mtime_ns, f.read_bytes()) for f in files] == before
+
+
+def test_resume_restores_the_log_line_a_kill_lost(tmp_path):
+    out = tmp_path / "run"
+    assert run_cli(TINY[:-2] + ["--epochs", "2", "--output_dir", out])[0] == 0
+    log = out / "log.jsonl"
+    lines = log.read_text().splitlines()
+    log.write_text(lines[0] + "\n")  # killed after epoch 1's checkpoint, before its log line
+    assert run_cli(TINY[:-2] + ["--epochs", "3", "--output_dir", out, "--resume", "auto"])[0] == 0
+    records = utils.read_jsonl(str(log))
+    assert [r["epoch"] for r in records] == [0, 1, 2]
+    assert json.dumps(records[1]) == lines[1]

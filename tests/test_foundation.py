@@ -64,6 +64,21 @@ def test_ra_sampler_repeats_and_splits():
     s1 = datasets.RASampler(ds, num_replicas=2, rank=1, repeats=3)
     assert len(list(s0)) == len(s0) and len(s0) == 6
     assert set(s0) | set(s1) <= set(ds)
+    # uncapped, every image appears exactly `repeats` times over the ranks, and the copies of one
+    # image go to different ranks (DeiT's scheme: the repeated list is dealt round-robin)
+    big = list(range(512))
+    ranks = [datasets.RASampler(big, num_replicas=3, rank=r, repeats=3, seed=1) for r in range(3)]
+    for s in ranks:
+        s.num_selected = s.num_samples  # look at the whole repeated list, not the per-epoch cap
+    draws = [list(s) for s in ranks]
+    counts = np.bincount(np.concatenate(draws), minlength=512)
+    assert counts.tolist() == [3] * 512
+    for d in draws:  # 3 copies dealt to 3 ranks: no rank gets two copies of one image
+        assert len(set(d)) == len(d)
+    capped = [list(datasets.RASampler(big, num_replicas=3, rank=r, repeats=3, seed=1)) for r in range(3)]
+    assert all(len(c) == 512 // 256 * 256 // 3 for c in capped)  # DeiT's per-epoch cap
+    ranks[0].set_epoch(1)
+    assert list(ranks[0]) != draws[0]  # another epoch, another order
 
 
 def test_presets_and_unknown_model():
@@ -217,8 +232,8 @@ def test_unreadable_images_are_skipped(tmp_path, caplog):
     broken = os.path.join(root, "train", "a", "0.png")
     with open(broken, "wb") as f:
         f.write(b"\x89PNG truncated")
-    args = main.resolve_defaults(main.get_args_parser().parse_args(["--data-path", root, "--input-size", "32"]))
-    ds, ncls = datasets.build_dataset(True, args)
+    cfg, _ = main.settle(main.get_args_parser().parse_args(["--data-path", root, "--input-size", "32"]))
+    ds, ncls = datasets.build_dataset(True, datasets.DataConfig.take(cfg))
     assert ncls == 2
     import logging
     log = logging.getLogger("vitcompress")
