@@ -2,6 +2,9 @@
 
 - DIGITS: scikit-learn's 1,797 handwritten digits (8x8, shipped inside scikit-learn, no
   download), a fixed stratified train/val split, upsampled to the input size, 3 channels.
+- CLUTTERED_DIGITS: the same digits, each enlarged at a random position and scale on a larger
+  canvas (the input size, 64 px by default) among fragments of other digits and mild noise;
+  training images are composed afresh every epoch, validation is a fixed set of 5,400.
 - IMNET: ImageNet as ``train/`` and ``val/`` class folders under the data path.
 - IMAGEFOLDER: any ``train/`` + ``val/`` class-folder tree.
 - CIFAR10 / CIFAR100 (``--data-set CIFAR`` means CIFAR-100, as in DeiT): torchvision's
@@ -33,7 +36,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DIGITS_MEAN = (0.5, 0.5, 0.5)
 DIGITS_STD = (0.5, 0.5, 0.5)
-DATA_SETS = ("DIGITS", "IMNET", "IMAGEFOLDER", "CIFAR10", "CIFAR100")
+DATA_SETS = ("DIGITS", "CLUTTERED_DIGITS", "IMNET", "IMAGEFOLDER", "CIFAR10", "CIFAR100")
 
 
 class DataError(UserError):
@@ -141,6 +144,187 @@ class DigitsDataset(Dataset):
         return self.images[index], int(self.targets[index])
 
 
+# --------------------------------------------------------------------------- cluttered digits
+
+# Composition of one cluttered image, as fractions of the canvas side where a size is involved
+# (so any input size works; the numbers below are for the 64 px default).
+CLUTTER_DIGIT_SIZE = (0.375, 0.5)     # side of the enlarged 8x8 digit: 24-32 px on 64 px
+CLUTTER_FRAGMENTS = (3, 5)            # fragments of other digits per image (inclusive range)
+CLUTTER_FRAGMENT_CUT = (2, 3)         # a fragment is a cut of 2x2 to 3x3 of a digit's 8x8 pixels...
+CLUTTER_NOISE = 0.05                  # ...enlarged like a digit; then Gaussian noise of this sd
+CLUTTER_TRAIN_REPEATS = 8             # training: an epoch composes each of the 1,437 digits 8 times
+CLUTTER_VAL_PER_DIGIT = 15            # validation: 15 compositions of each of the 360 held-out digits
+CLUTTER_DATA_SEED = 20240611          # fixed placements (validation, un-augmented training set)
+_STREAM_FRESH, _STREAM_FIXED_TRAIN, _STREAM_VAL = 0, 1, 2
+
+
+def _resize_matrix(n_in, n_out):
+    """[n_out, n_in] bilinear interpolation matrix (half-pixel centres, edges clamped: what
+    F.interpolate(mode="bilinear", align_corners=False) does along one axis when enlarging)."""
+    pos = (np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5
+    pos = np.clip(pos, 0, n_in - 1)
+    lo = np.floor(pos).astype(np.int64)
+    hi = np.minimum(lo + 1, n_in - 1)
+    w = pos - lo
+    m = np.zeros((n_out, n_in), dtype=np.float32)
+    m[np.arange(n_out), lo] += 1 - w
+    m[np.arange(n_out), hi] += w
+    return m
+
+
+
+
+class ClutteredDigits(Dataset):
+    """Cluttered digits: one enlarged scikit-learn digit per canvas among fragments of others.
+
+    Image ``index`` shows digit ``index % len(images)`` of the pool ``images`` [n, 8, 8] (values in
+    [0, 1]), so every digit appears equally often and the class balance is the pool's. Its side is
+    drawn from CLUTTER_DIGIT_SIZE (times ``canvas``) and it lies wholly inside the canvas at a
+    uniform random position. Then 3-5 fragments: a random 2x2 to 3x3 cut (with ink) of another
+    digit OF THE SAME POOL, enlarged by the same kind of factor, anywhere on the canvas; pixels
+    combine by maximum. Finally Gaussian noise (sd CLUTTER_NOISE), clipped to [0, 1] and quantised
+    to 8 bits. The label is the whole digit's.
+
+    Every random draw comes from a generator seeded with (seed, stream, epoch, index), so an image
+    depends on nothing else: DDP ranks, data-loader workers and a resumed run compose the same one.
+    ``fresh=True`` (training) uses the epoch set by ``set_epoch`` (new placements each epoch);
+    ``fresh=False`` composes every image once, at epoch 0, and keeps the uint8 canvases.
+
+    Returns ([3, canvas, canvas] float tensor normalised by mean/std, int label), like DigitsDataset.
+    """
+
+    def __init__(self, images, labels, canvas=64, length=None, seed=CLUTTER_DATA_SEED, stream=_STREAM_VAL,
+                 fresh=False, digit_size=CLUTTER_DIGIT_SIZE, fragments=CLUTTER_FRAGMENTS,
+                 fragment_cut=CLUTTER_FRAGMENT_CUT, noise=CLUTTER_NOISE, mean=DIGITS_MEAN, std=DIGITS_STD):
+        images = np.asarray(images, dtype=np.float32)
+        if images.ndim != 3 or images.shape[0] < 2:
+            raise DataError("cluttered digits need a pool of at least two [h, w] digits")
+        if int(canvas) < 2 * images.shape[1]:
+            raise DataError(f"cluttered digits need an input size of at least {2 * images.shape[1]} px, got {canvas}")
+        self.pool = images
+        self.pool_labels = np.asarray(labels, dtype=np.int64)
+        self.canvas = int(canvas)
+        self.length = int(length) if length is not None else len(images)
+        self.seed, self.stream, self.fresh = int(seed), int(stream), bool(fresh)
+        self.digit_size = (float(digit_size[0]), float(digit_size[1]))
+        self.fragments = (int(fragments[0]), int(fragments[1]))
+        self.fragment_cut = (int(fragment_cut[0]), int(fragment_cut[1]))
+        if not (0 < self.digit_size[0] <= self.digit_size[1] <= 1):
+            raise DataError(f"digit_size {digit_size} must be fractions of the canvas, 0 < low <= high <= 1")
+        if not (0 <= self.fragments[0] <= self.fragments[1]):
+            raise DataError(f"fragments {fragments} must be a range 0 <= low <= high")
+        if not (1 <= self.fragment_cut[0] <= self.fragment_cut[1] <= min(images.shape[1:])):
+            raise DataError(f"fragment_cut {fragment_cut} must be a range of cut sides within the digits' side")
+        self.noise = float(noise)
+        mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+        std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+        self._gain, self._shift = 1.0 / (255.0 * std_t), -mean_t / std_t
+        self.epoch = 0
+        self.targets = [int(self.pool_labels[i % len(images)]) for i in range(self.length)]
+        self.classes = [str(i) for i in range(10)]
+        # the bilinear matrices every enlargement needs, [out, in] for in = a digit's side or a cut's
+        cuts = range(self.fragment_cut[0], self.fragment_cut[1] + 1)
+        sides = {*cuts, *images.shape[1:]}
+        self._resize = {(k, m): _resize_matrix(k, m) for k in sides for m in range(1, self.canvas + 1)}
+        # ink of every cut of every pool digit: [n, h - ch + 1, w - cw + 1] per cut size (ch, cw)
+        windows = np.lib.stride_tricks.sliding_window_view
+        self._ink = {(ch, cw): windows(images, (ch, cw), axis=(1, 2)).sum(axis=(-2, -1)) for ch in cuts for cw in cuts}
+        self._canvases = None
+        if not self.fresh:
+            self._canvases = np.stack([self.compose(i, 0)[0] for i in range(self.length)])
+
+    def __len__(self):
+        return self.length
+
+    def set_epoch(self, epoch):
+        """Placements of a fresh (training) set are redrawn from (seed, epoch, index)."""
+        self.epoch = int(epoch)
+
+    def _rng(self, index, epoch):
+        return np.random.default_rng([self.seed, self.stream, int(epoch), int(index)])
+
+    def layout(self, index, epoch=None):
+        """The draws behind image ``index``: {"digit": pool index, "box": (top, left, h, w),
+        "fragments": [(pool index, (row, col, cut_h, cut_w), (top, left, h, w)), ...]}."""
+        return self.compose(index, self.epoch if epoch is None else epoch)[1]
+
+    def compose(self, index, epoch):
+        """(uint8 canvas [canvas, canvas], layout) of image ``index`` at ``epoch``."""
+        rng = self._rng(index, epoch)
+        n, side = len(self.pool), self.canvas
+        src_h, src_w = self.pool.shape[1:]
+        lo, hi = max(1, round(self.digit_size[0] * side)), round(self.digit_size[1] * side)
+        cut_lo, cut_hi = self.fragment_cut
+        # every uniform draw of this image at once (one call instead of dozens of small ones)
+        u = iter(rng.random(4 + self.fragments[1] * 14).tolist())
+
+        def pick(a, b):  # an integer uniform on [a, b]
+            return min(a + int(next(u) * (b - a + 1)), b)
+
+        out = np.zeros((side, side), dtype=np.float32)
+        d = index % n
+        size = pick(lo, hi)
+        top, left = pick(0, side - size), pick(0, side - size)
+        out[top:top + size, left:left + size] = self._enlarge(self.pool[d], size, size)
+        layout = {"digit": d, "box": (top, left, size, size), "fragments": []}
+
+        for _ in range(pick(*self.fragments)):
+            other = pick(0, n - 2)
+            other += other >= d  # any digit of the pool but this image's own
+            ch, cw = pick(cut_lo, cut_hi), pick(cut_lo, cut_hi)
+            # a cut with ink: the inkiest of 4 random positions
+            ink = self._ink[ch, cw][other]
+            r, c = max(((pick(0, src_h - ch), pick(0, src_w - cw)) for _ in range(4)), key=lambda rc: ink[rc])
+            scale = (lo + next(u) * (hi - lo)) / src_h
+            fh, fw = max(1, round(ch * scale)), max(1, round(cw * scale))
+            ft, fl = pick(0, side - fh), pick(0, side - fw)
+            piece = self._enlarge(self.pool[other, r:r + ch, c:c + cw], fh, fw)
+            np.maximum(out[ft:ft + fh, fl:fl + fw], piece, out=out[ft:ft + fh, fl:fl + fw])
+            layout["fragments"].append((other, (r, c, ch, cw), (ft, fl, fh, fw)))
+
+        if self.noise > 0:
+            out += rng.standard_normal(out.shape, dtype=np.float32) * np.float32(self.noise)
+        return np.rint(np.clip(out, 0.0, 1.0) * 255).astype(np.uint8), layout
+
+    def _enlarge(self, img, out_h, out_w):
+        """Bilinear enlargement of a 2-D array to [out_h, out_w] (two small matrix products)."""
+        return self._resize[img.shape[0], out_h] @ img @ self._resize[img.shape[1], out_w].T
+
+    def canvas_uint8(self, index):
+        """The uint8 canvas [canvas, canvas] of image ``index`` (at the current epoch when fresh)."""
+        if self._canvases is not None:
+            return self._canvases[index]
+        return self.compose(index, self.epoch)[0]
+
+    def __getitem__(self, index):
+        img = torch.from_numpy(self.canvas_uint8(index)).unsqueeze(0)
+        # (img / 255 - mean) / std per channel, in one op: -mean/std + img * (1 / (255 std))
+        return torch.addcmul(self._shift, img, self._gain), self.targets[index]
+
+
+def build_cluttered_digits(is_train, input_size=64, seed=0, fresh=None, train_repeats=CLUTTER_TRAIN_REPEATS,
+                           val_per_digit=CLUTTER_VAL_PER_DIGIT, **composition):
+    """The CLUTTERED_DIGITS train or validation set on the fixed digits split.
+
+    Training (``is_train``): images composed from the 1,437 training digits only, ``train_repeats``
+    compositions of each per epoch; ``fresh`` (default: True) redraws placements every epoch from
+    (seed, epoch, index) (call ``set_epoch``); ``fresh=False`` gives one fixed composition per
+    image (placements from CLUTTER_DATA_SEED), for the search split and the criterion batches.
+    Validation: ``val_per_digit`` fixed compositions of each of the 360 held-out digits (5,400 by
+    default), digits and clutter fragments from the held-out digits only, placements from
+    CLUTTER_DATA_SEED (the same set whatever the training seed).
+    ``composition`` (digit_size, fragments, fragment_cut, noise) overrides ClutteredDigits' defaults.
+    """
+    x_tr, y_tr, x_va, y_va = digits_split()
+    if is_train:
+        fresh = True if fresh is None else bool(fresh)
+        return ClutteredDigits(x_tr, y_tr, canvas=input_size, length=len(x_tr) * int(train_repeats),
+                               seed=seed if fresh else CLUTTER_DATA_SEED,
+                               stream=_STREAM_FRESH if fresh else _STREAM_FIXED_TRAIN, fresh=fresh, **composition)
+    return ClutteredDigits(x_va, y_va, canvas=input_size, length=len(x_va) * int(val_per_digit),
+                           seed=CLUTTER_DATA_SEED, stream=_STREAM_VAL, fresh=False, **composition)
+
+
 # --------------------------------------------------------------------------- folders
 
 def _class_folders(root):
@@ -233,12 +417,14 @@ def build_transform(is_train, cfg, mean, std):
 
 def data_stats(data_set):
     """(mean, std) used to normalise a data set."""
-    return (DIGITS_MEAN, DIGITS_STD) if data_set == "DIGITS" else (IMAGENET_MEAN, IMAGENET_STD)
+    if data_set.upper() in ("DIGITS", "CLUTTERED_DIGITS"):
+        return DIGITS_MEAN, DIGITS_STD
+    return IMAGENET_MEAN, IMAGENET_STD
 
 
 def num_classes_of(data_set):
     """Classes of a built-in data set (for commands that build no data, e.g. --throughput)."""
-    return {"DIGITS": 10, "CIFAR10": 10, "CIFAR100": 100}.get(data_set, 1000)
+    return {"DIGITS": 10, "CLUTTERED_DIGITS": 10, "CIFAR10": 10, "CIFAR100": 100}.get(data_set, 1000)
 
 
 def build_dataset(is_train, cfg, train_transform=None):
@@ -253,6 +439,9 @@ def build_dataset(is_train, cfg, train_transform=None):
             return DigitsDataset(x_tr, y_tr, cfg.input_size, train=augment,
                                  reprob=cfg.reprob if augment else 0.0), 10
         return DigitsDataset(x_va, y_va, cfg.input_size, train=False), 10
+    if name == "CLUTTERED_DIGITS":
+        return build_cluttered_digits(is_train, cfg.input_size, seed=cfg.seed,
+                                      fresh=is_train and train_transform is not False), 10
 
     augment = is_train and train_transform is not False
     transform = build_transform(augment, cfg, mean, std)

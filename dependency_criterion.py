@@ -1,4 +1,5 @@
-"""Dependency criterion: HSIC scores for every attention head and MLP neuron of a timm ViT.
+"""Dependency criterion: HSIC scores for every attention head and MLP neuron of a timm ViT
+(and the baselines it is compared with: weight magnitude, random, first-order Taylor).
 
 Pure tensors in, scores out. The estimator is the biased empirical HSIC
 
@@ -52,11 +53,12 @@ __all__ = [
     "rank_model",
     "hsic_statistics",
     "scores_from_statistics",
+    "taylor_scores",
 ]
 
 # Bandwidths of the original's multi-scale Gaussian kernel (on standardised features).
 MULTI_SIGMAS = (1.0, 2.0, 4.0, 8.0, 16.0)
-CRITERIA = ("hsic", "magnitude", "random")
+CRITERIA = ("hsic", "magnitude", "random", "taylor")
 BANDWIDTHS = ("multi", "median")
 DEFAULT_BANDWIDTH = "median"
 DEFAULT_HEAD_LAMBDA = 0.1
@@ -499,6 +501,8 @@ def compute_scores(model, loader, num_batches=1, criterion="hsic", head_lambda=D
         head_normalize=True divides a head's relevance and redundancy by sqrt(HSIC(K_h, K_h))
         (normalised HSIC; see scores_from_statistics). Equivalent to
         scores_from_statistics(hsic_statistics(...), head_lambda, neuron_alpha, head_normalize).
+    criterion="taylor": first-order Taylor importance from the same batches (see taylor_scores);
+        gradients are taken with respect to activations only, so no parameter's .grad changes.
     criterion="magnitude": weight magnitudes (see _magnitude_scores); loader is not used.
     criterion="random": uniform scores from torch.Generator seeded with `seed` (same on all ranks).
     """
@@ -510,8 +514,140 @@ def compute_scores(model, loader, num_batches=1, criterion="hsic", head_lambda=D
         return _magnitude_scores(parts)
     if criterion == "random":
         return _random_scores(parts, seed)
+    if criterion == "taylor":
+        return taylor_scores(model, loader, num_batches, device)
     stats = hsic_statistics(model, loader, num_batches, bandwidth, neuron_chunk, device)
     return scores_from_statistics(stats, float(head_lambda), float(neuron_alpha), head_normalize)
+
+
+# ----------------------------------------------------------------------------------------------
+# first-order Taylor importance (the baseline most structured ViT pruners use)
+# ----------------------------------------------------------------------------------------------
+
+def _split_batch(batch):
+    """(images, targets or None) from a loader's batch: (images, targets) pairs or bare images."""
+    if isinstance(batch, (tuple, list)):
+        return batch[0], (batch[1] if len(batch) > 1 else None)
+    return batch, None
+
+
+def _taylor_loss(out, targets):
+    """Cross entropy SUMMED over the batch, so each image's activations get the gradient of that
+    image's own loss. Against the labels when the loader gives them (class indices, or soft
+    [B, classes] targets); otherwise against the model's own top-1 prediction."""
+    if isinstance(out, (tuple, list)):  # (cls, dist) logits of a distilled model: average them
+        out = sum(out) / len(out)
+    if targets is None:
+        targets = out.detach().argmax(dim=-1)
+    targets = targets.to(out.device)
+    if targets.dim() == out.dim() and targets.is_floating_point():
+        targets = targets.to(out.dtype)
+    return torch.nn.functional.cross_entropy(out, targets, reduction="sum")
+
+
+@torch.no_grad()
+def _taylor_block_terms(acts, grads, num_heads):
+    """Per-image first-order terms of one block: heads [H], neurons [M], float64 sums over images of
+    |sum over the component's outputs and the tokens of activation * gradient|."""
+    heads = neurons = None
+    if acts[0] is not None:
+        a, g = acts[0], grads[0]  # input of attn.proj, [B, N, H * hd]
+        B, N, _ = a.shape
+        per_image = (a * g).reshape(B, N, num_heads, -1).sum(dim=(1, 3), dtype=torch.float64)  # [B, H]
+        heads = per_image.abs().sum(dim=0)
+    if acts[1] is not None:
+        a, g = acts[1], grads[1]  # input of mlp.fc2, [B, N, M]
+        neurons = (a * g).sum(dim=1, dtype=torch.float64).abs().sum(dim=0)  # [M]
+    return heads, neurons
+
+
+def _taylor_sums(model, parts, loader, num_batches, device):
+    nb = len(parts)
+    f64 = dict(dtype=torch.float64, device=device)
+    n_heads = [a.num_heads if a is not None else 0 for a, _ in parts]
+    n_neurons = [m.fc1.out_features if m is not None else 0 for _, m in parts]
+    heads = [torch.zeros(h, **f64) for h in n_heads]
+    neurons = [torch.zeros(m, **f64) for m in n_neurons]
+    images_seen = torch.zeros(1, **f64)
+
+    captured = {}
+    handles = []
+    for i, (attn, mlp) in enumerate(parts):
+        if attn is not None:
+            handles.append(attn.proj.register_forward_pre_hook(
+                lambda mod, inp, key=(i, 0): captured.__setitem__(key, inp[0])))
+        if mlp is not None:
+            handles.append(mlp.fc2.register_forward_pre_hook(
+                lambda mod, inp, key=(i, 1): captured.__setitem__(key, inp[0])))
+    try:
+        with torch.enable_grad():
+            for b, batch in enumerate(loader):
+                if b >= num_batches:
+                    break
+                images, targets = _split_batch(batch)
+                # gradients flow from the input, so frozen weights do not matter
+                images = images.to(device, non_blocking=True).detach().requires_grad_(True)
+                captured.clear()
+                loss = _taylor_loss(model(images), targets)
+                keys = sorted(captured)
+                grads = dict(zip(keys, torch.autograd.grad(loss, [captured[k] for k in keys])))
+                for i, attn in enumerate(p[0] for p in parts):
+                    h, n = _taylor_block_terms((captured.get((i, 0)), captured.get((i, 1))),
+                                               (grads.get((i, 0)), grads.get((i, 1))),
+                                               attn.num_heads if attn is not None else 0)
+                    if h is not None:
+                        heads[i] += h
+                    if n is not None:
+                        neurons[i] += n
+                images_seen += images.shape[0]
+                captured.clear()
+    finally:
+        for h in handles:
+            h.remove()
+        captured.clear()
+
+    # one flat vector: a single all_reduce sums every rank's terms and image count
+    flat = torch.cat(heads + neurons + [images_seen])
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    pieces = [p.cpu() for p in torch.split(flat, n_heads + n_neurons + [1])]
+    count = float(pieces[-1].item())
+    if count == 0:
+        raise ValueError("the taylor criterion saw no batch")
+    return {"heads": [p / count for p in pieces[:nb]], "neurons": [p / count for p in pieces[nb:2 * nb]]}
+
+
+def taylor_scores(model, loader, num_batches=1, device=None):
+    """First-order Taylor importance of every head and MLP neuron, in compute_scores' format.
+
+    Removing a component sets its output to zero; to first order that changes image i's loss by
+    -sum over the component's outputs of activation * gradient. The score is the size of that
+    change, |sum_{tokens t, channels k of c} a_itk * dL_i/da_itk|, averaged over the images of the
+    first num_batches batches (and over all ranks' images under torch.distributed). The absolute
+    value is taken per image, so gains on one image do not cancel losses on another.
+
+    * head h of a block: its channels of the input of ``attn.proj`` (its slice of the attention
+      output, [B, N, H * head_dim]), the same tensor the HSIC head features come from;
+    * neuron j: channel j of the input of ``mlp.fc2``, i.e. the fc1 activation after GELU (and after
+      the Mlp's own norm when it has one): exactly what slicing the neuron removes.
+
+    L_i is the cross entropy of image i against its label when the loader yields (images, labels)
+    (soft [B, classes] labels too), or against the model's own top-1 prediction when it yields bare
+    images. The model runs in eval mode (no dropout / drop-path) with gradients enabled (it cannot
+    run under torch.inference_mode); gradients are taken with torch.autograd.grad with respect to
+    the captured activations only, so parameters' .grad are untouched; hooks are removed and the
+    modules' train/eval flags restored afterwards. Higher = more important.
+    """
+    model = _unwrap(model)
+    parts = _block_parts(model)
+    device = torch.device(device) if device is not None else _model_device(model)
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        return _taylor_sums(model, parts, loader, int(num_batches), device)
+    finally:
+        for m, was_training in modes.items():
+            m.training = was_training
 
 
 def rank_components(scores):

@@ -300,8 +300,9 @@ def fit(model, train_loader, val_loader, recipe, device, num_classes, run_dir=No
         return stats
     t0, stats = time.time(), None
     for epoch in range(start_epoch, recipe.epochs):
-        if hasattr(train_loader.sampler, "set_epoch"):
-            train_loader.sampler.set_epoch(epoch)
+        for part in (train_loader.sampler, train_loader.dataset):  # a data set may redraw per epoch
+            if hasattr(part, "set_epoch"):
+                part.set_epoch(epoch)
         # seed the augmentation per (seed, rank, epoch): a resumed epoch replays the same draws
         torch.manual_seed(recipe.seed * 1000 + rank * 100003 + epoch)
         train_stats = train_one_epoch(
@@ -350,3 +351,99 @@ def interleaved_throughput(models, device, batch_size, input_size, amp=False, ro
         for i, m in enumerate(models):
             rates[i].append(throughput(m, device, batch_size, input_size, amp=amp, warmup=1, repeats=3))
     return [statistics.median(r) for r in rates]
+# ----------------------------------------------------------------------------------------------
+# issue 11: search objectives (--search-objective {acc,loss,kl}); standalone functions.
+#
+#   ref = reference_outputs(dense, holdout_loader, device)            # once per search
+#   stats = objective_stats(candidate, holdout_loader, device, ref)   # per candidate policy
+#   score = objective_value(stats, "kl")                              # what the search maximises
+#
+# The hold-out loader must yield the same batches in the same order every pass (a Subset with a
+# SequentialSampler or datasets.ShardSampler, no augmentation): the candidate's batch b is compared
+# with the dense model's batch b, and a mismatch is an error rather than a silently wrong KL.
+# ----------------------------------------------------------------------------------------------
+
+SEARCH_OBJECTIVES = ("acc", "loss", "kl")
+
+
+def _logits(out):
+    if isinstance(out, (tuple, list)):  # (cls, dist) logits of a distilled model: average them
+        out = (out[0] + out[1]) / 2
+    return out.float()
+
+
+def _fingerprint(images):
+    """One number per image (its pixel sum in float64): tells a batch from a reshuffled or
+    re-augmented one."""
+    return images.detach().cpu().double().flatten(1).sum(dim=1)
+
+
+@torch.no_grad()
+def reference_outputs(model, loader, device, amp=False):
+    """The dense model's log-probabilities on this rank's hold-out batches, for the KL objective:
+    a list of (log_probs [B, classes] float32 CPU, targets [B], image fingerprints [B]) per batch."""
+    was_training = model.training
+    model.eval()
+    ref = []
+    for images, targets in loader:
+        with autocast(device, amp):
+            out = model(images.to(device, non_blocking=True))
+        ref.append((F.log_softmax(_logits(out), dim=1).cpu(), targets.cpu(), _fingerprint(images)))
+    model.train(was_training)
+    return ref
+
+
+@torch.no_grad()
+def objective_stats(model, loader, device, reference=None, amp=False):
+    """Top-1 (%), mean cross entropy and, given ``reference`` (reference_outputs of the dense
+    model on the same loader), mean KL(dense || candidate) = mean_i sum_k p_ik (log p_ik - log q_ik)
+    over the hold-out images. Sums and the image count are all-reduced across ranks before
+    dividing, so a sharded hold-out gives the single-process values. Returns
+    {"acc1", "loss", "kl" (None without reference), "n"}."""
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(4, dtype=torch.float64)  # correct, loss*n, kl*n, n
+    batches = 0
+    for b, (images, targets) in enumerate(loader):
+        with autocast(device, amp):
+            out = model(images.to(device, non_blocking=True))
+        logits = _logits(out).cpu()
+        targets = targets.cpu()
+        log_q = F.log_softmax(logits, dim=1)
+        sums[0] += (logits.argmax(dim=1) == targets).sum().item()
+        sums[1] += F.nll_loss(log_q, targets, reduction="sum").double().item()
+        if reference is not None:
+            if (b >= len(reference) or not torch.equal(reference[b][1], targets)
+                    or not torch.equal(reference[b][2], _fingerprint(images))):
+                raise ValueError("the hold-out loader gave other batches than reference_outputs saw; "
+                                 "use one fixed, unshuffled loader for both")
+            log_p = reference[b][0]
+            sums[2] += F.kl_div(log_q, log_p, reduction="sum", log_target=True).double().item()
+        sums[3] += targets.numel()
+        batches += 1
+    if reference is not None and batches != len(reference):
+        raise ValueError(f"the hold-out loader gave {batches} batches, reference_outputs saw {len(reference)}")
+    model.train(was_training)
+    if device.type == "cuda":
+        sums = sums.to(device)
+    all_reduce_sum(sums)
+    sums = sums.cpu()
+    n = sums[3].item()
+    if n == 0:
+        raise ValueError("the hold-out loader gave no images")
+    return {"acc1": 100.0 * sums[0].item() / n, "loss": sums[1].item() / n,
+            "kl": sums[2].item() / n if reference is not None else None, "n": int(n)}
+
+
+def objective_value(stats, objective):
+    """The number the search maximises: acc -> top-1, loss -> -cross entropy, kl -> -KL."""
+    if objective == "acc":
+        return stats["acc1"]
+    if objective == "loss":
+        return -stats["loss"]
+    if objective == "kl":
+        if stats.get("kl") is None:
+            raise ValueError("the kl objective needs objective_stats(..., reference=reference_outputs(dense, ...))")
+        return -stats["kl"]
+    raise ValueError(f"unknown search objective {objective!r}; expected one of {SEARCH_OBJECTIVES}")
+# ----------------------------------------------------------------------------------------------

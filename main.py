@@ -43,6 +43,9 @@ RECIPES = {
                    repeated_aug=False, model_ema=False, num_workers=0, finetune_epochs=30, finetune_lr=2e-3,
                    search_epoch=30, search_population=20, criterion_batches=4, search_pool=1000, throughput_batch=256),
 }
+# CLUTTERED_DIGITS: one digit among clutter on a 64 px canvas (mostly background tokens); ~10 min on 2 cores
+RECIPES["CLUTTERED_DIGITS"] = dict(RECIPES["DIGITS"], model="vit_nano_d6_patch8_64", input_size=64, warmup_epochs=1,
+                                   finetune_epochs=6)
 RECIPE_KEYS = tuple(RECIPES["IMAGE"])
 
 
@@ -116,9 +119,10 @@ def get_args_parser():
     g = p.add_argument_group("data and run")
     g.add_argument("--data-path", "--data_path", dest="data_path", default=None, help="data root (train/ and val/)")
     g.add_argument("--data-set", "--data_set", dest="data_set", default=None, type=str.upper,
-                   choices=["DIGITS", "IMNET", "IMAGEFOLDER", "CIFAR", "CIFAR10", "CIFAR100"],
-                   help="DIGITS (embedded; the default without --data-path), IMNET (the default with "
-                        "--data-path, as in DeiT), IMAGEFOLDER, CIFAR10, CIFAR/CIFAR100")
+                   choices=["DIGITS", "CLUTTERED_DIGITS", "IMNET", "IMAGEFOLDER", "CIFAR", "CIFAR10", "CIFAR100"],
+                   help="DIGITS (embedded; the default without --data-path), CLUTTERED_DIGITS (embedded, harder: "
+                        "a digit among clutter), IMNET (the default with --data-path, as in DeiT), IMAGEFOLDER, "
+                        "CIFAR10, CIFAR/CIFAR100")
     g.add_argument("--download", action="store_true", help="download CIFAR if it is not under --data-path")
     g.add_argument("--output_dir", "--output-dir", dest="output_dir", default="",
                    help="where checkpoints and logs go (empty: nothing saved)")
@@ -149,8 +153,9 @@ def get_args_parser():
     g.add_argument("--max-steps", type=int, default=None, help="cap steps per epoch (smoke tests)")
 
     g = p.add_argument_group("dependency criterion (ranking heads and neurons)")
-    g.add_argument("--criterion", default="hsic", choices=["hsic", "magnitude", "random"],
-                   help="how components are ranked (hsic: the paper's dependency criterion)")
+    g.add_argument("--criterion", default="hsic", choices=list(dc.CRITERIA),
+                   help="how components are ranked (hsic: the paper's dependency criterion; taylor: first-order "
+                        "|activation x gradient|; magnitude: weight norms; random)")
     g.add_argument("--criterion-batches", type=int, default=None,
                    help="training batches (per process) the criterion averages over (default 4); a criterion "
                         "batch holds max(--batch-size, 16) images")
@@ -174,6 +179,9 @@ def get_args_parser():
     g.add_argument("--search-max-ratio", type=float, default=0.5, help="upper bound of every removal ratio")
     g.add_argument("--search-tol", type=float, default=0.02, help="relative FLOPs tolerance of a feasible policy")
     g.add_argument("--search-mode", default="ei", choices=["ei", "random"], help="ei, or the random-search baseline")
+    g.add_argument("--search-objective", default="acc", choices=list(engine.SEARCH_OBJECTIVES),
+                   help="what a candidate scores on the search split: top-1 (acc), -cross entropy (loss) or "
+                        "-KL(dense || candidate) (kl)")
     g.add_argument("--search-pool", type=int, default=None,
                    help="fresh feasible candidates scored by EI per step (IMNET: 10000, DIGITS: 1000)")
     g.add_argument("--search-holdout", default=None,
@@ -222,7 +230,7 @@ def settle(args):
     if cfg.data_set is None:
         cfg.data_set = "IMNET" if cfg.data_path else "DIGITS"
     cfg.data_set = "CIFAR100" if cfg.data_set == "CIFAR" else cfg.data_set
-    recipe = RECIPES["DIGITS" if cfg.data_set == "DIGITS" else "IMAGE"]
+    recipe = RECIPES.get(cfg.data_set, RECIPES["IMAGE"])
     if cfg.output_dir and os.path.exists(cfg.output_dir) and not os.path.isdir(cfg.output_dir):
         raise UserError(f"--output_dir {cfg.output_dir} is a file, not a folder")
     cfg.resume, ckpt = resume_path(cfg), None
@@ -436,6 +444,7 @@ def run_search(ctx):
     split, split_desc = datasets.search_split(train_plain, val_set, cfg.search_holdout, cfg.search_on_val, cfg.seed)
     loader = datasets.split_loader(split, ctx.data, ctx.distributed)
     header = {"target_gmacs": target, "seed": cfg.seed, "mode": cfg.search_mode, "criterion": criterion_settings(cfg),
+              "objective": cfg.search_objective,
               "active": active.tolist(), "max_ratio": cfg.search_max_ratio, "tol": cfg.search_tol,
               "round_to": cfg.round_to, "fuse": cfg.fuse, "dense": arch["model"], "split": split_desc,
               "population": cfg.search_population, "pool": cfg.search_pool}
@@ -459,19 +468,22 @@ def run_search(ctx):
                 f" {total} evaluations on {split_desc}" + (f"; resuming after {len(history)}" if history else ""))
     t_start, done = time.time(), [0]
 
+    reference = engine.reference_outputs(dense, loader, ctx.device, ctx.amp)  # the dense model's, for kl
+
     def evaluate(x):
         policy = pruning.policy_from_vector(x, dims["depth"])
         model = pruning.slice_model(dense, policy, rankings, cfg.round_to, cfg.fuse)
-        counted, stats = flops.model_macs(model), engine.evaluate(loader, model, ctx.device, ctx.amp)
-        return stats["acc1"], {"policy": policy, "gmacs": counted["macs"] / 1e9, "params": counted["params"],
-                               "acc1": stats["acc1"], "loss": stats["loss"], "search": header}
+        counted, stats = flops.model_macs(model), engine.objective_stats(model, loader, ctx.device, reference, ctx.amp)
+        return engine.objective_value(stats, cfg.search_objective), {
+            "policy": policy, "gmacs": counted["macs"] / 1e9, "params": counted["params"], "acc1": stats["acc1"],
+            "loss": stats["loss"], "kl": stats["kl"], "search": header}
 
     def on_record(rec):
         if log_path:
             utils.append_jsonl(log_path, rec)
         done[0] += 1
         eta = (time.time() - t_start) / done[0] * (total - rec["step"] - 1)
-        logger.info(f"search [{rec['step'] + 1}/{total}] {rec['phase']} gmacs {rec['gmacs']:.4g} acc {rec['y']:.2f} "
+        logger.info(f"search [{rec['step'] + 1}/{total}] {rec['phase']} gmacs {rec['gmacs']:.4g} acc {rec['acc1']:.2f} "
                     f"eta {utils.format_seconds(eta)}")
     res = ei.run_search(evaluate, sampler, cfg.search_population, cfg.search_epoch, seed=cfg.seed,
                         mode=cfg.search_mode, history=history, on_record=on_record,
@@ -483,17 +495,18 @@ def run_search(ctx):
     val = engine.evaluate(val_loader, best_model, ctx.device, ctx.amp)
     spent = sum(r["seconds"] for r in res["history"])
     result = {"policy": best["policy"], "vector": best["x"], "target_gmacs": target, "gmacs": best["gmacs"],
-              "dense_gmacs": dense_gmacs, "params": best["params"], "search_acc1": best["y"],
-              "val_acc1_before_finetune": val["acc1"], "step": best["step"], "evaluations": len(res["history"]),
+              "dense_gmacs": dense_gmacs, "params": best["params"], "search_acc1": best["acc1"],
+              "val_acc1_before_finetune": val["acc1"], "step": best["step"], "evaluations": len(res["history"]), "objective": cfg.search_objective,
+              "search_score": best["y"],
               "mode": cfg.search_mode, "criterion": cfg.criterion, "split": split_desc, "model": arch["model"],
               "input_size": arch["input_size"], "round_to": cfg.round_to, "fuse": cfg.fuse,
               "gp_share": sum(r.get("gp_seconds", 0.0) for r in res["history"]) / spent
               if spent > 0 and cfg.search_mode == "ei" else None, "rankings": rankings}
-    logger.info(f"search done: best {best['y']:.2f} on the search split at {best['gmacs']:.4g} GMACs "
+    logger.info(f"search done: best {cfg.search_objective} {best['y']:.4g} on the search split at {best['gmacs']:.4g} GMACs "
                 f"(target {target:.4g}); val top-1 before finetune {val['acc1']:.2f}")
     if out and ctx.rank == 0:
         utils.write_json_atomic(os.path.join(out, "best_policy.json"), result)
-        if not ei.plot_history(res["history"], os.path.join(out, "search.png"), "top-1 on the search split (%)"):
+        if not ei.plot_history(res["history"], os.path.join(out, "search.png"), f"{cfg.search_objective} on the search split"):
             logger.info("matplotlib is not installed: no search plot (pip install matplotlib)")
     return result
 

@@ -344,7 +344,7 @@ def test_random_baseline_seeded():
 def test_bad_arguments():
     model = tiny_vit()
     with pytest.raises(ValueError):
-        dc.compute_scores(model, make_batches(1, 4), criterion="taylor")
+        dc.compute_scores(model, make_batches(1, 4), criterion="fisher")
     with pytest.raises(ValueError):
         dc.compute_scores(model, make_batches(1, 4), bandwidth="silverman")
 
