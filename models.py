@@ -203,17 +203,17 @@ def save_model_file(path, model, arch, extra=None):
 
 ONNX_INPUT_NAME = "input"
 ONNX_OUTPUT_NAME = "logits"
-# Exporter and opset, by evidence (DeiT-S, 224 px, batch 32, ONNX Runtime CPU, 2 threads; see the
-# README's Deploy section and `benchmarks/bench_speed.py --onnxruntime --exporter ...`):
-# * both exporters export the token-reducing block (TopK + GatherElements, max |diff| ~2e-6);
-# * dynamo's graphs of the -40% / -60% models ran 1.67x / 2.56x faster than its dense graph
-#   (1.00 / 1.02 of the MACs ratio), TorchScript's 1.50x / 2.12x (0.90 / 0.85); the -60% model ran
-#   faster in absolute terms from dynamo (40.0 against 37.2 images/s), though TorchScript's dense
-#   graph was faster (17.6 against 15.7);
-# * opset 20 has a Gelu operator, which ONNX Runtime fuses with the fc1 bias (BiasGelu); at 18
-#   the dynamo graph keeps Erf, Mul and Add apart;
-# * the TorchScript exporter is deprecated (a DeprecationWarning since torch 2.9) but exports in
-#   2 s instead of 12 s: it stays available as exporter="torchscript".
+# Exporter and opset, by evidence (DeiT-S, 224 px, batch 32, ONNX Runtime CPU; the README's Deploy
+# section and `benchmarks/bench_speed.py --onnxruntime --exporter dynamo:20 torchscript:17 ...`):
+# * both exporters export the token-reducing block (TopK + GatherElements; max |diff| ~2e-6);
+# * ORT speed is close at this scale: on a quiet Xeon (2 threads, 3 repeats) dynamo/opset-20 graphs
+#   of the -40% / -60% models ran 1.67x / 2.56x faster than its dense graph (1.00 / 1.02 of the MACs
+#   ratio), TorchScript/opset-17 graphs 1.50x / 2.12x (0.90 / 0.85); on 2 shared cores (load ~6,
+#   5 repeats) 1.74x / 2.47x against 1.67x / 2.58x, every variant within the noise;
+# * opset 20 has a Gelu operator that ORT fuses with the fc1 bias (BiasGelu); the dynamo graph at
+#   opset 18 keeps Erf, Mul and Add apart (no speed difference measurable on these machines);
+# * dynamo is torch's default, supported exporter; the TorchScript one is deprecated (a
+#   DeprecationWarning since torch 2.9) but exports ~5x faster: exporter="torchscript" keeps it.
 ONNX_OPSET = 20
 ONNX_EXPORTERS = ("dynamo", "torchscript")
 DEFAULT_ONNX_EXPORTER = "dynamo"
