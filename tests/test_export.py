@@ -222,3 +222,26 @@ def test_compiled_compressed_model_equals_eager():
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
     assert engine.throughput(model, torch.device("cpu"), batch_size=4, input_size=32, warmup=1, repeats=2,
                              compile=True) > 0
+
+
+def test_readme_preprocess_equals_the_evaluation_transform():
+    """The README's stand-alone preprocessing (from the metadata JSON alone) gives this project's
+    evaluation input: resize the shorter side, center-crop, normalise."""
+    import re
+    import types
+
+    from PIL import Image
+
+    import datasets
+    with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")) as f:
+        code = re.search(r"```python\n(def preprocess\(img, meta\):.*?)```", f.read(), re.S).group(1)
+    scope = {"np": np, "Image": Image}
+    exec(code, scope)
+    meta = {"input_size": [3, 32, 32], "resize_shorter_side": int(32 / 0.875), "mean": MEAN, "std": STD}
+    transform = datasets.build_transform(False, types.SimpleNamespace(input_size=32, eval_crop_ratio=0.875), MEAN, STD)
+    rng = np.random.default_rng(0)
+    for hw in [(61, 47), (47, 61), (36, 36), (100, 37)]:
+        img = Image.fromarray(rng.integers(0, 256, hw + (3,), dtype=np.uint8))
+        got = scope["preprocess"](img, meta)
+        assert got.dtype == np.float32 and got.shape == (1, 3, 32, 32)
+        np.testing.assert_allclose(got, transform(img)[None].numpy(), atol=1e-5)
