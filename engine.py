@@ -5,6 +5,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import statistics
 import time
 from typing import Optional, Tuple
@@ -18,7 +19,7 @@ from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 
 from models import load_state_strict
-from utils import (Progress, all_reduce_sum, append_jsonl, format_seconds, read_jsonl, save_atomic,
+from utils import (Progress, UserError, all_reduce_sum, append_jsonl, format_seconds, read_jsonl, save_atomic,
                    write_jsonl)
 
 logger = logging.getLogger("vitcompress")
@@ -149,16 +150,35 @@ def evaluate(loader, model, device, amp=False, log_every=0, header="Test"):
             "loss": sums[0].item() / n, "n": int(sums[3].item())}
 
 
+def compile_model(model, device, fullgraph=False):
+    """``torch.compile`` for inference at fixed shapes (inductor). On a CPU inductor builds C++
+    kernels, so a missing compiler is reported as a one-line UserError before compiling.
+    ``fullgraph=True`` makes any graph break an error (the test of the token-reducing block)."""
+    if torch.device(device).type == "cpu":
+        cxx = os.environ.get("CXX", "g++")
+        if shutil.which(cxx) is None:
+            raise UserError(f"torch.compile on a CPU needs a C++ compiler and '{cxx}' is not on PATH "
+                            f"(Debian/Ubuntu: apt-get install g++); or run without --compile")
+    return torch.compile(model, dynamic=False, fullgraph=fullgraph)
+
+
 @torch.no_grad()
-def throughput(model, device, batch_size=64, input_size=224, amp=False, warmup=3, repeats=10):
-    """Images per second: warm-up, then ``repeats`` timed batches; returns the median rate."""
+def throughput(model, device, batch_size=64, input_size=224, amp=False, warmup=3, repeats=10, compile=False):
+    """Images per second: warm-up, then ``repeats`` timed batches; returns the median rate.
+    ``compile=True`` measures ``compile_model(model)``: the first warm-up batch compiles (not timed)."""
     model.eval()
+    if compile:
+        model = compile_model(model, device)
+        warmup = max(int(warmup), 1)
     x = torch.randn(batch_size, 3, input_size, input_size, device=device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     with torch.inference_mode(), autocast(device, amp):
+        t0 = time.perf_counter()
         for _ in range(warmup):
             model(x)
         sync()
+        if compile:
+            logger.info(f"torch.compile and {warmup} warm-up batches took {time.perf_counter() - t0:.1f} s")
         rates = []
         for _ in range(repeats):
             t0 = time.perf_counter()

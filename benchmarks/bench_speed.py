@@ -1,6 +1,7 @@
-"""Measured speed-up of compressed ViTs against their MACs reduction.
+"""Measured speed-up of compressed ViTs against their MACs reduction, in PyTorch and ONNX Runtime.
 
     python benchmarks/bench_speed.py [--model deit_small_patch16_224] [--batch-size 32] [--repeats 7]
+    python benchmarks/bench_speed.py --onnxruntime [--exporter dynamo torchscript:17 ...] [--repeats 5]
 
 Builds the dense model (random weights: speed does not depend on them), makes compressed
 copies with ~40% and ~60% fewer MACs that mix head, neuron and token reduction (random
@@ -8,20 +9,28 @@ rankings), then times dense and compressed forwards interleaved under ``torch.in
 (warm-up first, medians over repeats). Prints, per compressed model, the MACs ratio
 (dense / compressed), the measured speed-up (dense time / compressed time) and their quotient
 (1.0 = the speed-up the MACs promise). On CUDA the forwards run under bf16 autocast.
+
+With ``--onnxruntime`` every model is also exported with ``models.export_onnx`` (verified against
+PyTorch) and run in ONNX Runtime's CPU execution provider, interleaved with the PyTorch eager
+forwards of the same batch; the table then gives ORT images/s next to eager images/s, each
+speed-up against the dense model run the same way, and that speed-up over the MACs ratio.
+Several ``--exporter NAME[:OPSET]`` time the graphs of torch.onnx's exporters side by side.
 """
 import argparse
 import copy
 import os
 import statistics
 import sys
+import tempfile
 import time
 
 import numpy as np
-import timm
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import flops  # noqa: E402
+import models  # noqa: E402
 from pruning import apply_spec, model_dims, policy_from_vector, policy_to_spec  # noqa: E402
 
 
@@ -59,24 +68,38 @@ def main():
     p.add_argument("--jitter", type=float, default=0.5, help="per-block spread of head / neuron ratios")
     p.add_argument("--reductions", type=float, nargs="+", default=[0.4, 0.6])
     p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads and ONNX Runtime intra-op threads (0: each library's default)")
+    p.add_argument("--onnxruntime", action="store_true",
+                   help="also export each model to ONNX and time it in ONNX Runtime (CPU execution provider)")
+    p.add_argument("--exporter", nargs="+", default=[models.DEFAULT_ONNX_EXPORTER], metavar="NAME[:OPSET]",
+                   help=f"torch.onnx exporter(s) for --onnxruntime, each timed side by side: "
+                        f"{' or '.join(models.ONNX_EXPORTERS)}, optionally with an opset (dynamo:18)")
+    p.add_argument("--opset", type=int, default=models.ONNX_OPSET, help="opset of an --exporter given without one")
+    p.add_argument("--onnx-dir", default=None, help="keep the exported files here (default: a temporary folder)")
     args = p.parse_args()
+    try:
+        args.variants = [parse_variant(v, args.opset) for v in args.exporter]
+    except ValueError as e:
+        p.error(str(e))
+    if args.onnxruntime and args.device != "cpu":
+        p.error("--onnxruntime measures the CPU execution provider: use it with --device cpu")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
 
-    dense = timm.create_model(args.model, pretrained=False, img_size=args.img_size).eval()
+    dense = models.build_model(args.model, img_size=args.img_size).eval()   # timm names and this project's presets
     dims = model_dims(dense)
     rng = np.random.default_rng(0)
     rankings = {"heads": [rng.permutation(h).tolist() for h in dims["num_heads"]],
                 "neurons": [rng.permutation(m).tolist() for m in dims["mlp_hidden"]]}
-    models = {"dense": dense}
+    models_ = {"dense": dense}
     for red in args.reductions:
         x = policy_for_reduction(dims, red, args.round_to, args.jitter)
         spec = policy_to_spec(policy_from_vector(x, dims["depth"]), rankings, dims, args.round_to, args.fuse)
-        models[f"-{red:.0%}"] = apply_spec(copy.deepcopy(dense), spec)
-    macs = {name: flops.model_macs(m)["macs"] for name, m in models.items()}
-    for name, m in models.items():
+        models_[f"-{red:.0%}"] = apply_spec(copy.deepcopy(dense), spec)
+    macs = {name: flops.model_macs(m)["macs"] for name, m in models_.items()}
+    for name, m in models_.items():
         m.to(device)
         if name != "dense":
             spec = m.prune_spec
@@ -87,39 +110,106 @@ def main():
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
 
-    def run(model):
+    def timed(fn):
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        model(x)
+        fn()
         if device.type == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - t0
 
-    times = {name: [] for name in models}
-    with torch.inference_mode(), amp:
-        for _ in range(args.warmup):
-            for m in models.values():
-                run(m)
-        for rep in range(args.repeats):
-            for name, m in models.items():
-                times[name].append(run(m))
-    med = {name: statistics.median(t) for name, t in times.items()}
+    # runners[engine][model] = a call that runs one batch
+    runners = {"eager": {name: (lambda m=m: m(x)) for name, m in models_.items()}}
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.onnxruntime:
+            runners.update(export_runners(models_, args, args.onnx_dir or tmp, x))
+        times = {eng: {name: [] for name in models_} for eng in runners}
+        with torch.inference_mode(), amp:
+            for _ in range(args.warmup):
+                for name in models_:
+                    for eng in runners:
+                        runners[eng][name]()
+            for rep in range(args.repeats):
+                for name in models_:          # interleaved: every model and engine once per round
+                    for eng in runners:
+                        times[eng][name].append(timed(runners[eng][name]))
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"{args.model} {args.img_size}px batch {args.batch_size} on {device} ({torch.get_num_threads()} threads, "
           f"{os.cpu_count()} CPUs, 1-min load average {load:.1f}), median of {args.repeats} interleaved repeats")
+    if not args.onnxruntime:
+        report_eager(times["eager"], macs, args.batch_size)
+    else:
+        report_table(times, macs, args.batch_size)
+
+
+def report_eager(times, macs, batch):
+    med = {name: statistics.median(t) for name, t in times.items()}
     print(f"dense: {macs['dense'] / 1e9:.3f} GMACs, {med['dense'] * 1e3:.1f} ms/batch, "
-          f"{args.batch_size / med['dense']:.1f} img/s")
-    for name in models:
+          f"{batch / med['dense']:.1f} img/s")
+    for name in times:
         if name == "dense":
             continue
         macs_ratio = macs["dense"] / macs[name]
         speedup = med["dense"] / med[name]
         paired = statistics.median(d / c for d, c in zip(times["dense"], times[name]))
         print(f"{name}: {macs[name] / 1e9:.3f} GMACs ({1 - macs[name] / macs['dense']:.1%} fewer), "
-              f"{med[name] * 1e3:.1f} ms/batch, {args.batch_size / med[name]:.1f} img/s | MACs ratio {macs_ratio:.3f}, "
+              f"{med[name] * 1e3:.1f} ms/batch, {batch / med[name]:.1f} img/s | MACs ratio {macs_ratio:.3f}, "
               f"speed-up {speedup:.3f}, speed-up / MACs ratio {speedup / macs_ratio:.3f} "
               f"(median of paired repeats {paired / macs_ratio:.3f})")
+
+
+def parse_variant(text, default_opset):
+    name, _, opset = text.partition(":")
+    if name not in models.ONNX_EXPORTERS:
+        raise ValueError(f"unknown exporter '{name}' (choose {', '.join(models.ONNX_EXPORTERS)})")
+    return name, int(opset) if opset else default_opset
+
+
+def export_runners(models_, args, folder, x):
+    """Export every model with each chosen exporter and opset (verified by models.export_onnx) and
+    return {"ort-<exporter>-<opset>": {model name: call}} running the batch ``x`` in an ONNX Runtime
+    CPU session."""
+    mean, std = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+    feed = {models.ONNX_INPUT_NAME: x.detach().cpu().float().numpy()}
+    out = {}
+    for exporter, opset in args.variants:
+        key = f"ort-{exporter}-{opset}"
+        out[key] = {}
+        for name, m in models_.items():
+            path = os.path.join(folder, f"{args.model}{name.replace('%', 'pct')}-{exporter}-{opset}.onnx")
+            arch = models.model_arch(args.model, m, args.img_size, mean, std)
+            t0 = time.perf_counter()
+            meta = models.export_onnx(m, path, arch, opset=opset, exporter=exporter)
+            check = meta["verification"]
+            print(f"exported {name} with {exporter} (opset {opset}) in {time.perf_counter() - t0:.0f} s: "
+                  f"{os.path.getsize(path) / 1e6:.1f} MB, max |ORT - PyTorch| {check['max_abs_diff']:.2e}, "
+                  f"top-1 agreement {check['top1_agreement']:.0%}", flush=True)
+            sess = models.onnx_session(path, threads=args.threads, spinning=False)
+            out[key][name] = (lambda s=sess: s.run(None, feed))
+    return out
+
+
+def report_table(times, macs, batch):
+    """Markdown table: per model, images/s and speed-up over dense for every engine."""
+    engines = list(times)
+    med = {eng: {name: statistics.median(t) for name, t in times[eng].items()} for eng in engines}
+    head = "| model | GMACs | MACs ratio |"
+    rule = "|---|---|---|"
+    for eng in engines:
+        head += f" {eng} img/s | {eng} speed-up | {eng} speed-up / MACs ratio |"
+        rule += "---|---|---|"
+    print(head)
+    print(rule)
+    for name in times["eager"]:
+        ratio = macs["dense"] / macs[name]
+        row = f"| {name} | {macs[name] / 1e9:.4g} | {ratio:.2f}x |"
+        for eng in engines:
+            speedup = med[eng]["dense"] / med[eng][name]
+            row += f" {batch / med[eng][name]:.1f} | {speedup:.2f}x | {speedup / ratio:.2f} |"
+        print(row)
+    for eng in engines[1:]:
+        print(f"dense in {eng} runs at {med['eager']['dense'] / med[eng]['dense']:.2f}x PyTorch eager's images/s")
 
 
 if __name__ == "__main__":
