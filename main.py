@@ -134,6 +134,10 @@ def get_args_parser():
     g.add_argument("--start_epoch", "--start-epoch", dest="start_epoch", type=int, default=0)
     g.add_argument("--eval", action="store_true", help="evaluate only")
     g.add_argument("--throughput", action="store_true", help="measure images/s, GMACs and params, then exit")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model for --throughput")
+    g.add_argument("--export", default="", metavar="FILE.onnx",
+                   help="export the --resume model to ONNX (dynamic batch, input 'input', output 'logits'), "
+                        "verify it in ONNX Runtime against PyTorch, and write FILE.json for deployers")
     g.add_argument("--throughput-batch", type=int, default=None,
                    help="batch for --throughput and the pipeline's speed table (IMNET: 64, DIGITS: 256)")
     g.add_argument("--dist-eval", "--dist_eval", dest="dist_eval", action="store_true",
@@ -384,15 +388,33 @@ def run_throughput(ctx):
     cfg = ctx.cfg
     model, arch, _ = load_model(ctx, None if cfg.resume else datasets.num_classes_of(cfg.data_set))
     macs = flops.model_macs(model.to(ctx.device))
-    rate = engine.throughput(model, ctx.device, cfg.throughput_batch, arch["input_size"], amp=ctx.amp)
+    rate = engine.throughput(model, ctx.device, cfg.throughput_batch, arch["input_size"], amp=ctx.amp,
+                             compile=cfg.compile)
     result = {"model": arch["model"], "compressed": bool(arch.get("prune_spec")), "gmacs": macs["macs"] / 1e9,
               "params": macs["params"], "images_per_s": rate, "batch": cfg.throughput_batch,
-              "device": str(ctx.device), "amp": ctx.amp}
+              "device": str(ctx.device), "amp": ctx.amp, "compiled": cfg.compile}
     logger.info(f"{arch['model']}: {result['gmacs']:.3f} GMACs, {macs['params'] / 1e6:.2f} M params, "
                 f"{rate:.1f} images/s at batch {cfg.throughput_batch} on {ctx.device}")
     if ctx.rank == 0:
         print(json.dumps(result))
     return result
+
+
+def run_export(ctx):
+    """ONNX file + verification in ONNX Runtime on real images of the run's data set when they fit."""
+    cfg = ctx.cfg
+    if not cfg.resume:
+        raise UserError("--export needs the model file to export: --resume FILE")
+    model, arch, _ = load_model(ctx, None)
+    sample = None
+    if cfg.data_path or cfg.data_set in ("DIGITS", "CLUTTERED_DIGITS"):
+        data = datasets.build_loaders(ctx.data, False, train=False)
+        if data["num_classes"] == arch["num_classes"]:
+            sample = next(iter(data["val"]))[0][:8]
+    meta = models.export_onnx(model, cfg.export, arch, sample=sample, crop_ratio=cfg.eval_crop_ratio)
+    if ctx.rank == 0:
+        print(json.dumps({"onnx": meta["onnx_path"], "json": meta["json_path"], **meta["verification"]}))
+    return meta
 
 
 def load_dense(ctx, num_classes):
@@ -652,7 +674,7 @@ def run_pipeline(ctx):
     return summary
 
 
-MODES = (("pipeline", run_pipeline), ("search", run_search), ("prune_finetune", run_prune_finetune),
+MODES = (("export", run_export), ("pipeline", run_pipeline), ("search", run_search), ("prune_finetune", run_prune_finetune),
          ("throughput", run_throughput), ("eval", run_eval))
 
 

@@ -5,19 +5,26 @@ Every checkpoint this project writes carries an ``arch`` entry of primitives:
 "mean", "std", "prune_spec": dict or None}. From it ``load_model_file`` rebuilds the exact
 (dense or compressed) architecture without any pickled code, then loads the weights.
 """
+import copy
 import difflib
 import logging
+import os
+import warnings
 
+import numpy as np
+import onnxruntime
 import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed
 from timm.models.deit import VisionTransformerDistilled
-from timm.models.vision_transformer import VisionTransformer
+from timm.layers import Mlp
+from timm.models.vision_transformer import Attention, Block, VisionTransformer
 
-from pruning import apply_spec
-from utils import CheckpointError, UserError, clean_message, load_checkpoint_file, save_atomic, state_dict_of
+from pruning import TokenReducingBlock, apply_spec
+from utils import (CheckpointError, UserError, clean_message, load_checkpoint_file, save_atomic, state_dict_of,
+                   write_json_atomic)
 
 logger = logging.getLogger("vitcompress")
 
@@ -362,11 +369,7 @@ def check_exportable(model):
     A subclass with its own forward may hide data-dependent Python control flow, so it is refused
     by name rather than exported into a graph that holds for one input only.
     """
-    import torch.nn as nn
-    from timm.layers import Mlp
-    from timm.models.vision_transformer import Attention, Block
 
-    from pruning import TokenReducingBlock
 
     if not isinstance(model, VisionTransformer):
         raise ExportError(f"cannot export a {type(model).__name__}: only timm VisionTransformer models are supported")
@@ -393,9 +396,7 @@ def check_exportable(model):
 
 def _export_graph(model, example, path, opset, exporter):
     """torch.onnx.export with a dynamic batch axis, one self-contained file."""
-    import warnings
 
-    import torch
     if exporter == "dynamo":
         batch = torch.export.Dim("batch")
         torch.onnx.export(model, (example,), path, dynamo=True, external_data=False, opset_version=opset,
@@ -416,16 +417,15 @@ def onnx_session(path, threads=0, spinning=True, optimized_path=None):
     ``spinning=False`` stops idle worker threads from busy-waiting after a run (fair when
     interleaving with other work on the same cores); ``optimized_path`` saves the optimised graph.
     """
-    import onnxruntime as ort
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts = onnxruntime.SessionOptions()
+    opts.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads:
         opts.intra_op_num_threads = int(threads)
     if not spinning:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if optimized_path:
         opts.optimized_model_filepath = str(optimized_path)
-    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+    return onnxruntime.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
 
 
 def verify_onnx(path, model, sample, atol=1e-4):
@@ -436,8 +436,6 @@ def verify_onnx(path, model, sample, atol=1e-4):
     file's input / output names differ from ``input`` / ``logits`` or the logits differ by more
     than ``atol``.
     """
-    import numpy as np
-    import torch
     sess = onnx_session(path)
     names_in = [i.name for i in sess.get_inputs()]
     names_out = [o.name for o in sess.get_outputs()]
@@ -490,13 +488,9 @@ def export_onnx(model, path, arch, sample=None, opset=ONNX_OPSET, atol=1e-4, exp
 
     Returns that JSON content as a dict, plus ``onnx_path`` and ``json_path``.
     """
-    import copy
-    import os
 
-    import torch
 
-    import flops
-    from utils import write_json_atomic
+    import flops  # here, not at the top: flops imports models
 
     if exporter not in ONNX_EXPORTERS:
         raise ExportError(f"unknown exporter {exporter!r}; choose one of {', '.join(ONNX_EXPORTERS)}")
@@ -575,10 +569,8 @@ def export_onnx(model, path, arch, sample=None, opset=ONNX_OPSET, atol=1e-4, exp
 
 def onnx_json_path(path):
     """The metadata file written beside an exported ``path``: ``model.onnx`` -> ``model.json``."""
-    import os
     return os.path.splitext(os.fspath(path))[0] + ".json"
 
 
 def _onnxruntime_version():
-    import onnxruntime
     return onnxruntime.__version__

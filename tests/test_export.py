@@ -245,3 +245,28 @@ def test_readme_preprocess_equals_the_evaluation_transform():
         got = scope["preprocess"](img, meta)
         assert got.dtype == np.float32 and got.shape == (1, 3, 32, 32)
         np.testing.assert_allclose(got, transform(img)[None].numpy(), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_export_and_compiled_throughput_through_the_cli(tmp_path):
+    """`main.py --export` on a compressed model file verifies on real digits images;
+    `--throughput --compile` measures the compiled model."""
+    from helpers import FAST, run_cli
+    code, _, err = run_cli(FAST + ["--epochs", "1", "--max-steps", "2", "--output_dir", tmp_path / "d"])
+    assert code == 0, err
+    code, _, err = run_cli(FAST + ["--prune_finetune", "--resume", tmp_path / "d" / "checkpoint.pth",
+                                   "--head_sparsity", "0.5", "--token_sparsity", "0.2", "--finetune-epochs", "0",
+                                   "--output_dir", tmp_path / "d"])
+    assert code == 0, err
+    compressed = tmp_path / "d" / "prune_finetune" / "compressed.pth"
+    code, out, err = run_cli(["--export", tmp_path / "m.onnx", "--resume", compressed])
+    assert code == 0, err
+    line = json.loads(out.strip().splitlines()[-1])
+    assert line["sample"] == "given images" and line["max_abs_diff"] <= 1e-4 and line["top1_agreement"] == 1.0
+    meta = json.loads((tmp_path / "m.json").read_text())
+    assert meta["prune_spec"]["tokens"] is not None and meta["input_size"] == [3, 32, 32]
+    code, out, err = run_cli(["--throughput", "--compile", "--throughput-batch", "4", "--resume", compressed])
+    assert code == 0, err
+    assert json.loads(out.strip().splitlines()[-1])["compiled"] is True
+    code, _, err = run_cli(["--export", tmp_path / "x.onnx"])
+    assert code == 2 and "--resume FILE" in err
