@@ -446,23 +446,25 @@ def active_dims(cfg):
     return flags if any(flags) else (True, True, True)
 
 
+def search_space(cfg, dims, dense_gmacs):
+    """The feasible policies of the budget: --search_flops GMACs or --search-reduction of the dense."""
+    if cfg.search_flops is None and cfg.search_reduction is None:
+        raise UserError(f"--search needs a budget: --search_flops GMACS (the dense model has {dense_gmacs:.3f}) "
+                        f"or --search-reduction FRACTION")
+    target = cfg.search_flops if cfg.search_flops is not None else dense_gmacs * (1 - cfg.search_reduction)
+    active = np.repeat(active_dims(cfg), [dims["depth"], dims["depth"], 1])
+    return ei.FeasibleSampler(lambda X: flops.policy_gmacs(dims, X, round_to=cfg.round_to), target,
+                              dim=2 * dims["depth"] + 1, upper=cfg.search_max_ratio, tol=cfg.search_tol, active=active)
+
+
 def run_search(ctx):
     cfg, out = ctx.cfg, os.path.join(ctx.out, "search") if ctx.out else None
     train_plain, ncls = datasets.build_dataset(True, ctx.data, train_transform=False)
     val_set, _ = datasets.build_dataset(False, ctx.data)
     dense, arch = load_dense(ctx, ncls)
     dims, dense_gmacs = pruning.model_dims(dense), flops.model_macs(dense)["macs"] / 1e9
-    if cfg.search_flops is None and cfg.search_reduction is None:
-        raise UserError(f"--search needs a budget: --search_flops GMACS (the dense model has {dense_gmacs:.3f}) "
-                        f"or --search-reduction FRACTION")
-    target = cfg.search_flops if cfg.search_flops is not None else dense_gmacs * (1 - cfg.search_reduction)
-    active = np.repeat(active_dims(cfg), [dims["depth"], dims["depth"], 1])
-    try:
-        sampler = ei.FeasibleSampler(lambda X: flops.policy_gmacs(dims, X, round_to=cfg.round_to), target,
-                                     dim=2 * dims["depth"] + 1, upper=cfg.search_max_ratio, tol=cfg.search_tol,
-                                     active=active)
-    except ei.InfeasibleTarget as e:
-        raise UserError(str(e)) from e
+    sampler = search_space(cfg, dims, dense_gmacs)
+    target, active = sampler.target, sampler.active
     split, split_desc = datasets.search_split(train_plain, val_set, cfg.search_holdout, cfg.search_on_val, cfg.seed)
     loader = datasets.split_loader(split, ctx.data, ctx.distributed)
     header = {"target_gmacs": target, "seed": cfg.seed, "mode": cfg.search_mode, "criterion": criterion_settings(cfg),
