@@ -155,3 +155,231 @@ def test_original_train_mode_uses_drop_path_and_restores_flags():
 def test_unknown_kernel_is_one_line_error():
     with pytest.raises(ValueError, match="unknown kernel 'gauss'; expected one of"):
         dc.compute_scores(tiny_vit(), one_batch(dtype=torch.float32), kernel="gauss")
+
+
+# ---------------------------------------------------------------- the original's FLOPs convention
+
+import flops  # noqa: E402
+import models  # noqa: E402
+import pruning  # noqa: E402
+
+
+def ref_original_gmacs(width, hidden, n_tokens, heads, neuron_ratios, head_ratios, r, reducing=(3, 6, 9)):
+    """The original's count written out block by block from its description: blocks only; a block
+    keeps int(H (1 - h)) heads and int(M (1 - n)) neurons; after k reductions int(N (1 - r)^k)
+    tokens pass (N counts the class token, no fused token); a reducing block's attention sees the
+    count before its reduction, its MLP the count after."""
+    hd = width // heads
+    total, k = 0, 0
+    for b, (n_ratio, h_ratio) in enumerate(zip(neuron_ratios, head_ratios)):
+        n_attn = int(n_tokens * (1 - r) ** k) if k else n_tokens
+        k += b in reducing
+        n_mlp = int(n_tokens * (1 - r) ** k) if k else n_tokens
+        h = int(heads * (1 - h_ratio))
+        m = int(hidden * (1 - n_ratio))
+        total += h * (4 * width * hd * n_attn + 2 * n_attn * n_attn * hd) + 2 * n_mlp * width * m
+    return total / 1e9
+
+
+def ref_original_model_tokens(n_tokens, r, blocks=3):
+    """Kept PATCH tokens of the original's model at each reduction: keep int(n (1 - r)) of the n
+    tokens present, the class token first, then append one fused token."""
+    out, n = [], n_tokens
+    for _ in range(blocks):
+        K = int(n * (1 - r))
+        out.append(K - 1)
+        n = K + 1
+    return out
+
+
+@pytest.fixture(scope="module")
+def deit_s():
+    return models.build_model("deit_small_patch16_224")
+
+
+def test_original_convention_dense_deit_small(deit_s):
+    dims = pruning.model_dims(deit_s)
+    got = flops.model_macs(deit_s, convention="original")["macs"] / 1e9
+    want = ref_original_gmacs(384, 1536, 197, 6, [0.0] * 12, [0.0] * 12, 0.0)
+    assert got == pytest.approx(want, rel=1e-12)
+    assert round(got, 4) == 4.5407
+    assert flops.policy_gmacs(dims, np.zeros(25), convention="original") == pytest.approx(want, rel=1e-12)
+    # the difference to the exact count is the patch embedding and the classifier, nothing else
+    exact = flops.model_macs(deit_s)["macs"]
+    assert exact - round(got * 1e9) == 196 * 384 * 3 * 16 * 16 + 384 * 1000
+
+
+@pytest.mark.parametrize("name,model,width,heads", [("hou2022-deit-s", "deit_small_patch16_224", 384, 6),
+                                                    ("hou2022-deit-b", "deit_base_patch16_224", 768, 12)])
+def test_published_policies_in_original_convention(name, model, width, heads):
+    with torch.device("meta"):
+        dense = models.build_model(model)
+    dims = pruning.model_dims(dense)
+    pol = pruning.published_policy(name)
+    got = flops.policy_gmacs(dims, pruning.policy_to_vector(pol), convention="original")
+    want = ref_original_gmacs(width, 4 * width, 197, heads, pol["neuron"], pol["head"], pol["token"])
+    assert got == pytest.approx(want, rel=1e-12)
+    dense_orig = flops.policy_gmacs(dims, np.zeros(25), convention="original")
+    assert 0.39 < got / dense_orig < 0.42          # "60% fewer FLOPs" in that convention
+    if name == "hou2022-deit-s":
+        assert got == pytest.approx(1.863, rel=0.005)
+
+
+def test_policy_gmacs_original_matches_formula_on_random_policies():
+    with torch.device("meta"):
+        dense = models.build_model("deit_base_patch16_224")
+    dims = pruning.model_dims(dense)
+    rng = np.random.default_rng(5)
+    X = rng.uniform(0, 0.5, size=(300, 25))          # the original's search box
+    got = flops.policy_gmacs(dims, X, convention="original")
+    for x, g in zip(X, got):
+        assert g == pytest.approx(ref_original_gmacs(768, 3072, 197, 12, x[12:24], x[:12], x[24]), rel=1e-12)
+    with pytest.raises(ValueError, match="original rounding only"):
+        flops.policy_gmacs(dims, X, convention="original", rounding="exact")
+    with pytest.raises(ValueError, match="unknown FLOPs convention"):
+        flops.policy_gmacs(dims, X, convention="paper")
+
+
+def test_published_deit_s_policy_gives_the_original_models_counts(deit_s):
+    dims = pruning.model_dims(deit_s)
+    pol = pruning.published_policy("hou2022-deit-s")
+    rankings = {"heads": [list(range(6))] * 12, "neurons": [list(range(1536))] * 12}
+    spec = pruning.policy_to_spec(pol, rankings, dims, rounding="original")
+    model = pruning.apply_spec(copy.deepcopy(deit_s), spec)
+    want_heads = [int(6 * (1 - h)) for h in pol["head"]]
+    want_neurons = [int(1536 * (1 - n)) for n in pol["neuron"]]
+    assert [len(h) for h in spec["heads"]] == want_heads
+    assert [b.attn.num_heads for b in model.blocks] == want_heads
+    assert [b.mlp.fc1.out_features for b in model.blocks] == want_neurons
+    assert [b.token_keep for b in model.blocks if isinstance(b, pruning.TokenReducingBlock)] == \
+        ref_original_model_tokens(197, pol["token"])
+    assert spec["policy"]["rounding"] == "original"
+    # every block with a head ratio > 0 lost a head (round-half-up keeps all 6 where h < 1/12)
+    assert all(h < 6 for h in want_heads)
+    exact_spec = pruning.policy_to_spec(pol, rankings, dims)
+    assert sum(len(h) for h in exact_spec["heads"]) > sum(want_heads)
+    # the original's model costs the same in its own convention as the original's formula says
+    assert flops.model_macs(model, convention="original")["macs"] / 1e9 == pytest.approx(
+        flops.policy_gmacs(dims, pruning.policy_to_vector(pol), convention="original"), rel=1e-12)
+    # and counted exactly, as the vectorised count with the original rounding says
+    assert flops.model_macs(model)["macs"] / 1e9 == pytest.approx(
+        flops.policy_gmacs(dims, pruning.policy_to_vector(pol), rounding="original"), rel=1e-12)
+
+
+def nano12():
+    return VisionTransformer(img_size=32, patch_size=4, embed_dim=48, depth=12, num_heads=4, mlp_ratio=4.0,
+                             num_classes=10).eval()
+
+
+@pytest.mark.parametrize("round_to", [1, 8])
+def test_original_rounding_models_match_vectorised_counts(round_to):
+    dense = nano12()
+    dims = pruning.model_dims(dense)
+    rng = np.random.default_rng(round_to)
+    X = rng.uniform(0, 0.6, size=(12, 25))
+    X[0] = 0.0
+    X[1, -1] = 0.0
+    exact_fast = flops.policy_gmacs(dims, X, round_to=round_to, rounding="original")
+    orig_fast = flops.policy_gmacs(dims, X, round_to=round_to, convention="original")
+    same_tokens = 0
+    for i, x in enumerate(X):
+        pol = pruning.policy_from_vector(x, 12)
+        ranks = {"heads": [rng.permutation(4).tolist() for _ in range(12)],
+                 "neurons": [rng.permutation(192).tolist() for _ in range(12)]}
+        spec = pruning.policy_to_spec(pol, ranks, dims, round_to=round_to, rounding="original")
+        model = pruning.apply_spec(copy.deepcopy(dense), spec)
+        heads = [int(4 * (1 - h)) for h in pol["head"]]
+        assert [b.attn.num_heads for b in model.blocks] == [max(h, 1) for h in heads]
+        if round_to == 1:
+            assert [b.mlp.fc1.out_features for b in model.blocks] == [int(192 * (1 - n)) for n in pol["neuron"]]
+        if x[-1] > 0:
+            assert [b.token_keep for b in model.blocks if isinstance(b, pruning.TokenReducingBlock)] == \
+                ref_original_model_tokens(65, x[-1])
+        assert flops.model_macs(model)["macs"] / 1e9 == pytest.approx(exact_fast[i], rel=1e-12)
+        counted = flops.model_macs(model, convention="original")["macs"] / 1e9
+        formula_tokens = [int(65 * (1 - x[-1]) ** k) for k in (1, 2, 3)]
+        model_tokens = [k + 1 for k in ref_original_model_tokens(65, x[-1])]
+        if formula_tokens == model_tokens or x[-1] == 0:
+            same_tokens += 1
+            assert counted == pytest.approx(orig_fast[i], rel=1e-12)
+        else:  # the formula's floor(N (1-r)^k) and the model's running count differ by a token
+            assert abs(counted - orig_fast[i]) < 0.05 * orig_fast[i]
+    assert same_tokens >= 3
+
+
+def test_kept_count_original_rounding():
+    rng = np.random.default_rng(0)
+    totals = rng.integers(1, 4000, size=500)
+    ratios = rng.uniform(0, 0.99, size=500)
+    got = pruning.kept_count(totals, ratios, rounding="original")
+    want = [max(int(t * (1 - r)), 1) for t, r in zip(totals.tolist(), ratios.tolist())]
+    assert got.tolist() == want
+    assert pruning.kept_count(6, 0.01, rounding="original") == 5 and pruning.kept_count(6, 0.01) == 6
+    with pytest.raises(pruning.SpecError, match="rounding must be one of"):
+        pruning.kept_count(6, 0.1, rounding="floor")
+
+
+# ---------------------------------------------------------------- published policies
+
+def test_original_vector_order_conversion():
+    x = np.arange(25) / 100.0                       # neuron 0..11, head 12..23, token 24 in the original
+    pol = pruning.policy_from_original_vector(x, 12)
+    assert pol["neuron"] == (np.arange(12) / 100.0).tolist()
+    assert pol["head"] == (np.arange(12, 24) / 100.0).tolist()
+    assert pol["token"] == 0.24
+    np.testing.assert_array_equal(pruning.policy_to_original_vector(pol), x)
+    ours = pruning.policy_to_vector(pol)
+    np.testing.assert_array_equal(ours[:12], x[12:24])
+    with pytest.raises(pruning.SpecError, match="expected 2\\*12\\+1 = 25"):
+        pruning.policy_from_original_vector(x[:24], 12)
+
+
+def test_published_policies_load_by_name():
+    names = pruning.published_policy_names()
+    assert {"hou2022-deit-s", "hou2022-deit-b"} <= set(names)
+    for name in names:
+        info = pruning.published_policy_info(name)
+        pol = pruning.published_policy(name)
+        pruning.validate_policy(pol, 12)
+        assert info["rounding"] == "original" and "zejiangh" in info["source"]
+        assert info["model"].startswith("deit_")
+    a = pruning.published_policy("hou2022-deit-s")
+    a["head"][0] = 0.9                                 # a copy: the next caller is not affected
+    assert pruning.published_policy("hou2022-deit-s")["head"][0] != 0.9
+    with pytest.raises(pruning.SpecError) as exc:
+        pruning.published_policy("hou2022-deit-x")
+    msg = str(exc.value)
+    assert "\n" not in msg and "hou2022-deit-s" in msg and "hou2022-deit-b" in msg
+    assert pruning.load_policy("hou2022-deit-b")[0] == pruning.published_policy("hou2022-deit-b")
+
+
+def test_load_policy_file(tmp_path):
+    pol = pruning.uniform_policy(12, 0.1, 0.2, 0.3)
+    path = tmp_path / "best_policy.json"
+    path.write_text(json.dumps({"policy": pol, "gmacs": 1.0}))
+    assert pruning.load_policy(str(path)) == (pol, str(path))
+    bad = tmp_path / "bad.json"
+    bad.write_text("{")
+    with pytest.raises(pruning.SpecError, match="cannot read policy"):
+        pruning.load_policy(str(bad))
+    with pytest.raises(pruning.SpecError, match="no policy file or published policy named"):
+        pruning.load_policy(str(tmp_path / "missing.json"))
+
+
+def test_flops_cli_shows_both_conventions():
+    cmd = [sys.executable, os.path.join(ROOT, "flops.py"), "--model", "deit_small_patch16_224",
+           "--flops-convention", "original", "--json"]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stderr
+    line = json.loads(out.stdout.strip().splitlines()[-1])
+    assert line["gmacs"] == line["gmacs_original"] == round(ref_original_gmacs(
+        384, 1536, 197, 6, [0.0] * 12, [0.0] * 12, 0.0), 6)
+    assert line["gmacs_exact"] > line["gmacs_original"]
+    out = subprocess.run(cmd + ["--policy", "hou2022-deit-s"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stderr
+    line = json.loads(out.stdout.strip().splitlines()[-1])
+    pol = pruning.published_policy("hou2022-deit-s")
+    assert line["gmacs_original"] == round(ref_original_gmacs(384, 1536, 197, 6, pol["neuron"], pol["head"],
+                                                              pol["token"]), 6)
+    out = subprocess.run(cmd[:-1] + ["--policy", "hou2022"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert out.returncode != 0 and "published: hou2022-deit-b, hou2022-deit-s" in out.stderr
