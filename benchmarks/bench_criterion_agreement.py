@@ -44,6 +44,8 @@ def main():
     ap.add_argument("--input-size", type=int, default=32)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--criterion-batches", type=int, default=4)
+    ap.add_argument("--tune-size", type=int, default=512, help="training images (not used by the criterion) "
+                    "on which pruned models are also scored")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
@@ -57,6 +59,8 @@ def main():
     perm = torch.randperm(len(train_plain), generator=torch.Generator().manual_seed(args.seed)).tolist()
     crit = torch.utils.data.Subset(train_plain, perm[:args.criterion_batches * args.batch_size])
     loader = torch.utils.data.DataLoader(crit, batch_size=args.batch_size)
+    n_crit = len(crit)
+    tune = torch.utils.data.Subset(train_plain, perm[n_crit:n_crit + args.tune_size])
 
     orig_kw = dc.original_criterion_kwargs()
     orig_kw["train_mode"] = False
@@ -67,6 +71,7 @@ def main():
     }
     dims = pruning.model_dims(model)
     val_loader = torch.utils.data.DataLoader(val, batch_size=512)
+    tune_loader = torch.utils.data.DataLoader(tune, batch_size=512)
     print(f"model {args.model_file}; {len(val)} val images; dense val top-1 "
           f"{engine.evaluate(val_loader, model, torch.device('cpu'))['acc1']:.2f}")
     print("| pair | head rho (mean over blocks) | neuron rho (mean over blocks) |")
@@ -75,16 +80,19 @@ def main():
         print(f"| {a} vs {b} | {mean_rho(scores[a]['heads'], scores[b]['heads']):+.2f} | "
               f"{mean_rho(scores[a]['neurons'], scores[b]['neurons']):+.2f} |")
     print()
-    print("| ranking (val top-1 %, no finetuning) | 50% heads + 50% neurons | 25% + 25% | 50% heads only |")
-    print("|---|---|---|---|")
+    print(f"top-1 % after removing the lowest-ranked components, no finetuning: val / tune split "
+          f"({len(tune)} training images the criterion did not see)")
+    print("| ranking | 50% heads + 50% neurons | 25% + 25% | 50% heads only | 50% neurons only |")
+    print("|---|---|---|---|---|")
     for name, s in scores.items():
         rankings = dc.rank_components(s)
         row = []
-        for head, neuron in ((0.5, 0.5), (0.25, 0.25), (0.5, 0.0)):
+        for head, neuron in ((0.5, 0.5), (0.25, 0.25), (0.5, 0.0), (0.0, 0.5)):
             spec = pruning.policy_to_spec(pruning.uniform_policy(dims["depth"], head=head, neuron=neuron), rankings, dims)
             pruned = pruning.apply_spec(copy.deepcopy(model), spec)
-            row.append(engine.evaluate(val_loader, pruned, torch.device("cpu"))["acc1"])
-        print(f"| {name} | " + " | ".join(f"{v:.1f}" for v in row) + " |")
+            row.append(f"{engine.evaluate(val_loader, pruned, torch.device('cpu'))['acc1']:.1f} / "
+                       f"{engine.evaluate(tune_loader, pruned, torch.device('cpu'))['acc1']:.1f}")
+        print(f"| {name} | " + " | ".join(row) + " |")
 
 
 if __name__ == "__main__":
