@@ -3,7 +3,6 @@ rounding, the published policies and the paper's finetuning recipe, each against
 written here from the formula (never from the library's own helpers)."""
 import copy
 import json
-import math
 import os
 import subprocess
 import sys
