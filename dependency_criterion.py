@@ -16,6 +16,19 @@ Features (one vector per image, per component):
   * neuron j: its activation over the N tokens (the input of ``mlp.fc2``, [B, N, hidden]).
 Features get a Gaussian kernel, the prediction (softmax of the model output) a linear kernel.
 
+Two kernels (``kernel=``):
+  * "scaled" (default): distances are scaled per component, by the median distance
+    (bandwidth="median") or by the variance and the feature length (bandwidth="multi", on
+    standardised features), and HSIC is trace(K H L H) / (n - 1)^2;
+  * "original": the original implementation's kernel (Hou & Kung 2022, zejiangh/Multi-dimensional-
+    vit-compression): the average of exp(-||xi - xj||^2 / (2 sigma^2)) over sigma in 1, 2, 4, 8, 16
+    on the RAW features (its standardisation line subtracts mean / std from every sample, a shift
+    that leaves distances unchanged), no division by the feature length, and HSIC is
+    trace((H K H)(H L H)) = trace(K H L H) with no 1 / (n - 1)^2 factor. Its score formulas are
+    the ones below with head_normalize=False, lambda 0.1 and alpha 0.1 (compute_scores' defaults
+    for this kernel); it ranked on one augmented training batch with the model in train mode
+    (``original_criterion_kwargs``).
+
 Scores (higher = more important):
   * head:   relevance - head_lambda * mean redundancy with the other heads of its block,
             relevance = HSIC(K_head, L_pred), redundancy = HSIC(K_head, K_other_head); with
@@ -43,6 +56,8 @@ from timm.models.vision_transformer import Attention
 
 __all__ = [
     "MULTI_SIGMAS",
+    "KERNELS",
+    "original_criterion_kwargs",
     "center_kernel",
     "hsic",
     "hsic_pairwise",
@@ -56,11 +71,14 @@ __all__ = [
     "taylor_scores",
 ]
 
-# Bandwidths of the original's multi-scale Gaussian kernel (on standardised features).
+# Bandwidths of the original's multi-scale Gaussian kernel (on raw features in the original; on
+# standardised, length-scaled features with kernel="scaled", bandwidth="multi").
 MULTI_SIGMAS = (1.0, 2.0, 4.0, 8.0, 16.0)
 CRITERIA = ("hsic", "magnitude", "random", "taylor")
 BANDWIDTHS = ("multi", "median")
+KERNELS = ("scaled", "original")
 DEFAULT_BANDWIDTH = "median"
+DEFAULT_KERNEL = "scaled"
 DEFAULT_HEAD_LAMBDA = 0.1
 DEFAULT_NEURON_ALPHA = 0.1
 DEFAULT_HEAD_NORMALIZE = True  # chosen on a tune split of training images: see benchmarks/bench_criterion_evidence.py
@@ -93,21 +111,35 @@ def hsic(K, L):
     return (K * center_kernel(L)).sum(dim=(-2, -1)) / (n - 1) ** 2
 
 
-def hsic_pairwise(K):
-    """All-pairs HSIC between the C kernels of K [C, n, n] -> [C, C] (one matmul)."""
+def hsic_pairwise(K, kernel=DEFAULT_KERNEL):
+    """All-pairs HSIC between the C kernels of K [C, n, n] -> [C, C] (one matmul).
+    kernel="original" leaves out the 1 / (n-1)^2 factor, as the original does."""
     C, n = K.shape[0], K.shape[-1]
     if n < 2:
         raise ValueError("HSIC needs at least two samples")
     Kc = center_kernel(K).reshape(C, n * n)
-    return (Kc @ K.reshape(C, n * n).transpose(0, 1)) / (n - 1) ** 2
+    return (Kc @ K.reshape(C, n * n).transpose(0, 1)) / _hsic_norm(n, kernel)
 
 
-def _kernel_of_centred(x, bandwidth, triu=None):
+def _hsic_norm(n, kernel):
+    """The estimator's divisor: (n-1)^2, or 1 for the original's unnormalised trace."""
+    return 1.0 if kernel == "original" else float((n - 1) ** 2)
+
+
+def _check_kernel(kernel, bandwidth):
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown kernel {kernel!r}; expected one of {KERNELS}")
+    if bandwidth not in BANDWIDTHS:
+        raise ValueError(f"unknown bandwidth {bandwidth!r}; expected one of {BANDWIDTHS}")
+
+
+def _kernel_of_centred(x, bandwidth, triu=None, kernel=DEFAULT_KERNEL):
     """Gaussian kernels of x [C, n, d], contiguous, each component already centred (its n*d values
     have mean 0; centring leaves distances unchanged but keeps the Gram-based ones accurate).
 
     Returns [C, n, n]; with triu (torch.triu_indices(n, n, 1)) only the strict upper triangles,
     [C, n(n-1)/2] (the diagonal is exactly 1), which halves the exponentials.
+    kernel="original" averages the MULTI_SIGMAS kernels of the raw distances (bandwidth is ignored).
     """
     C, n, d = x.shape
     sq = (x * x).sum(dim=-1)  # [C, n]
@@ -115,14 +147,14 @@ def _kernel_of_centred(x, bandwidth, triu=None):
     D.clamp_min_(0.0)
     D.diagonal(dim1=-2, dim2=-1).zero_()
     iu = triu if triu is not None else torch.triu_indices(n, n, offset=1, device=D.device)
-    if bandwidth == "multi":
-        # Standardising (x - mean) / std only rescales squared distances by 1 / var, and with x
-        # centred var is sum(sq) / (n d): fold 1 / (var d) into the distances instead.
-        var = sq.sum(dim=-1) / (n * d)
-        scale = (1.0 / (var.clamp_min(_EPS * _EPS) * d)).view(C, 1, 1)
+    if bandwidth == "multi" or kernel == "original":
         if triu is not None:
             D = D[:, iu[0], iu[1]].unsqueeze(1)
-        D.mul_(scale)
+        if kernel != "original":
+            # Standardising (x - mean) / std only rescales squared distances by 1 / var, and with x
+            # centred var is sum(sq) / (n d): fold 1 / (var d) into the distances instead.
+            var = sq.sum(dim=-1) / (n * d)
+            D.mul_((1.0 / (var.clamp_min(_EPS * _EPS) * d)).view(C, 1, 1))
         K = torch.zeros_like(D)
         tmp = torch.empty_like(D)
         for sigma in MULTI_SIGMAS:  # 5 fixed scales, each one batched op over all components
@@ -141,8 +173,11 @@ def _kernel_of_centred(x, bandwidth, triu=None):
     raise ValueError(f"unknown bandwidth {bandwidth!r}; expected one of {BANDWIDTHS}")
 
 
-def gaussian_kernel(feats, bandwidth=DEFAULT_BANDWIDTH):
+def gaussian_kernel(feats, bandwidth=DEFAULT_BANDWIDTH, kernel=DEFAULT_KERNEL):
     """Gaussian kernel matrices of C components over n samples: feats [C, n, d] -> [C, n, n].
+
+    kernel="original": the average over sigma in MULTI_SIGMAS of exp(-||xi - xj||^2 / (2 sigma^2))
+        on the raw features (bandwidth is ignored). Otherwise (kernel="scaled"):
 
     bandwidth="multi": each component is standardised over all its n*d values, (x - mean) / std,
         and the kernel is the average over sigma in MULTI_SIGMAS of exp(-||xi - xj||^2 / (2 sigma^2 d)).
@@ -154,11 +189,10 @@ def gaussian_kernel(feats, bandwidth=DEFAULT_BANDWIDTH):
     """
     if feats.dim() != 3:
         raise ValueError(f"feats must be [C, n, d], got {tuple(feats.shape)}")
-    if bandwidth not in BANDWIDTHS:
-        raise ValueError(f"unknown bandwidth {bandwidth!r}; expected one of {BANDWIDTHS}")
+    _check_kernel(kernel, bandwidth)
     x = feats.to(_work_dtype(feats))
     x = (x - x.mean(dim=(1, 2), keepdim=True)).contiguous()
-    return _kernel_of_centred(x, bandwidth)
+    return _kernel_of_centred(x, bandwidth, kernel=kernel)
 
 
 def linear_kernel(y):
@@ -263,7 +297,7 @@ def _lower_median(U):
     return U.median(dim=1).values
 
 
-def _neuron_kernels(acts, bandwidth, neuron_chunk):
+def _neuron_kernels(acts, bandwidth, neuron_chunk, kernel=DEFAULT_KERNEL):
     """Upper triangles of the Gaussian kernels of every neuron of one block.
 
     acts [B, N, M] (the input of fc2) -> (Ku [M, B(B-1)/2] in the work dtype, the strict upper
@@ -288,7 +322,7 @@ def _neuron_kernels(acts, bandwidth, neuron_chunk):
             x[:, r0:r0 + tile].copy_(src[r0:r0 + tile].t())  # neuron-first layout [c, B*N]
         mag[j0:j0 + c] = torch.linalg.vector_norm(x, 1, dim=1, dtype=torch.float64)
         x.sub_(x.mean(dim=1, keepdim=True))  # centre each neuron over its B*N values
-        Ku[j0:j0 + c] = _kernel_of_centred(x.view(c, B, N), bandwidth, triu=iu)
+        Ku[j0:j0 + c] = _kernel_of_centred(x.view(c, B, N), bandwidth, triu=iu, kernel=kernel)
     return Ku, mag
 
 
@@ -312,8 +346,8 @@ class _Capture:
     The hooks are removed by close(), which compute_scores calls in a finally block.
     """
 
-    def __init__(self, parts, bandwidth, neuron_chunk):
-        self.bandwidth, self.neuron_chunk = bandwidth, neuron_chunk
+    def __init__(self, parts, bandwidth, neuron_chunk, kernel=DEFAULT_KERNEL):
+        self.bandwidth, self.neuron_chunk, self.kernel = bandwidth, neuron_chunk, kernel
         self.heads = [None] * len(parts)    # (Kh [H, n, n], R [H, H])
         self.neurons = [None] * len(parts)  # (Ku [M, n(n-1)/2], sum|a| [M], count)
         self._handles = []
@@ -328,8 +362,8 @@ class _Capture:
             x = inputs[0]
             if x.shape[0] < 2:
                 return
-            Kh = gaussian_kernel(_head_features(x, attn.num_heads), self.bandwidth)
-            self.heads[i] = (Kh, hsic_pairwise(Kh))
+            Kh = gaussian_kernel(_head_features(x, attn.num_heads), self.bandwidth, self.kernel)
+            self.heads[i] = (Kh, hsic_pairwise(Kh, self.kernel))
         return hook
 
     def _neuron_hook(self, i):
@@ -337,7 +371,7 @@ class _Capture:
             a = inputs[0]
             if a.shape[0] < 2:
                 return
-            Ku, mag = _neuron_kernels(a, self.bandwidth, self.neuron_chunk)
+            Ku, mag = _neuron_kernels(a, self.bandwidth, self.neuron_chunk, self.kernel)
             self.neurons[i] = (Ku, mag, a.shape[0] * a.shape[1])
         return hook
 
@@ -358,16 +392,16 @@ def _prediction(out):
     return out.to(_work_dtype(out)).softmax(dim=-1)
 
 
-def _head_stats(Kh, R, Lc):
+def _head_stats(Kh, R, Lc, kernel=DEFAULT_KERNEL):
     """(relevance [H], mean redundancy [H], self-dependence HSIC(K_h, K_h) [H]), float64."""
     n = Lc.shape[-1]
     H = Kh.shape[0]
-    rel = (Kh.reshape(H, -1) @ Lc.reshape(-1).to(Kh.dtype)) / float((n - 1) ** 2)
+    rel = (Kh.reshape(H, -1) @ Lc.reshape(-1).to(Kh.dtype)) / _hsic_norm(n, kernel)
     red = (R.sum(dim=1) - R.diagonal()) / (H - 1) if H > 1 else torch.zeros_like(rel)
     return rel.double(), red.double(), R.diagonal().double()
 
 
-def _block_stats(head_feats, acts, Lc, bandwidth, neuron_chunk):
+def _block_stats(head_feats, acts, Lc, bandwidth, neuron_chunk, kernel=DEFAULT_KERNEL):
     """Per-batch HSIC statistics of one block from its captured internals (what the hooks and the
     post-forward step of compute_scores do, in one call; used by the benchmark).
 
@@ -377,11 +411,11 @@ def _block_stats(head_feats, acts, Lc, bandwidth, neuron_chunk):
     rel_h = red_h = rel_n = abs_n = None
     n = Lc.shape[-1]
     if head_feats is not None:
-        Kh = gaussian_kernel(head_feats, bandwidth)
-        rel_h, red_h, _ = _head_stats(Kh, hsic_pairwise(Kh), Lc)
+        Kh = gaussian_kernel(head_feats, bandwidth, kernel)
+        rel_h, red_h, _ = _head_stats(Kh, hsic_pairwise(Kh, kernel), Lc, kernel)
     if acts is not None:
-        Ku, abs_n = _neuron_kernels(acts, bandwidth, neuron_chunk)
-        rel_n = _relevance(Ku, Lc, float((n - 1) ** 2))
+        Ku, abs_n = _neuron_kernels(acts, bandwidth, neuron_chunk, kernel)
+        rel_n = _relevance(Ku, Lc, _hsic_norm(n, kernel))
     return rel_h, red_h, rel_n, abs_n
 
 
@@ -389,7 +423,7 @@ _STAT_KEYS = ("head_rel", "head_red", "head_self", "neuron_rel", "neuron_abs")
 
 
 @torch.no_grad()
-def _hsic_statistics(model, parts, loader, num_batches, bandwidth, neuron_chunk, device):
+def _hsic_statistics(model, parts, loader, num_batches, bandwidth, neuron_chunk, device, kernel):
     nb = len(parts)
     f64 = dict(dtype=torch.float64, device=device)
     n_heads = [a.num_heads if a is not None else 0 for a, _ in parts]
@@ -399,7 +433,7 @@ def _hsic_statistics(model, parts, loader, num_batches, bandwidth, neuron_chunk,
     abs_count = torch.zeros(nb, **f64)
     batch_count = torch.zeros(1, **f64)
 
-    cap = _Capture(parts, bandwidth, neuron_chunk)
+    cap = _Capture(parts, bandwidth, neuron_chunk, kernel)
     try:
         for b, batch in enumerate(loader):
             if b >= num_batches:
@@ -411,10 +445,10 @@ def _hsic_statistics(model, parts, loader, num_batches, bandwidth, neuron_chunk,
                 cap.clear()
                 continue
             Lc = center_kernel(linear_kernel(P))
-            norm = float((P.shape[0] - 1) ** 2)
+            norm = _hsic_norm(P.shape[0], kernel)
             for i in range(nb):
                 if cap.heads[i] is not None:
-                    rh, dh, sh = _head_stats(*cap.heads[i], Lc)
+                    rh, dh, sh = _head_stats(*cap.heads[i], Lc, kernel)
                     acc["head_rel"][i] += rh
                     acc["head_red"][i] += dh
                     acc["head_self"][i] += sh
@@ -449,23 +483,27 @@ def _hsic_statistics(model, parts, loader, num_batches, bandwidth, neuron_chunk,
 
 
 def hsic_statistics(model, loader, num_batches=1, bandwidth=DEFAULT_BANDWIDTH, neuron_chunk=512,
-                    device=None):
+                    device=None, kernel=DEFAULT_KERNEL, train_mode=False):
     """The raw, batch-averaged (and all-reduced) HSIC statistics of every block, as float64 CPU
     tensors: head_rel (HSIC of each head with the prediction), head_red (mean HSIC with the other
     heads of the block), head_self (HSIC of the head's kernel with itself), neuron_rel (HSIC of
     each neuron with the prediction), neuron_abs (mean |activation|). scores_from_statistics turns
-    them into scores, so weights can be varied without running the model again."""
-    if bandwidth not in BANDWIDTHS:
-        raise ValueError(f"unknown bandwidth {bandwidth!r}; expected one of {BANDWIDTHS}")
+    them into scores, so weights can be varied without running the model again.
+
+    kernel: "scaled" (bandwidth applies) or "original" (see the module docstring). The model runs
+    in eval mode, or in train mode (dropout and drop-path active) with train_mode=True, as the
+    original did; the modules' own flags are restored afterwards either way."""
+    _check_kernel(kernel, bandwidth)
     if int(neuron_chunk) < 1:
         raise ValueError("neuron_chunk must be >= 1")
     model = _unwrap(model)
     parts = _block_parts(model)
     device = torch.device(device) if device is not None else _model_device(model)
     modes = {m: m.training for m in model.modules()}
-    model.eval()
+    model.train(bool(train_mode))
     try:
-        return _hsic_statistics(model, parts, loader, int(num_batches), bandwidth, int(neuron_chunk), device)
+        return _hsic_statistics(model, parts, loader, int(num_batches), bandwidth, int(neuron_chunk), device,
+                                kernel)
     finally:
         for m, was_training in modes.items():
             m.training = was_training
@@ -490,7 +528,7 @@ def scores_from_statistics(stats, head_lambda=0.1, neuron_alpha=0.1, head_normal
 
 def compute_scores(model, loader, num_batches=1, criterion="hsic", head_lambda=DEFAULT_HEAD_LAMBDA,
                    neuron_alpha=DEFAULT_NEURON_ALPHA, bandwidth=DEFAULT_BANDWIDTH, neuron_chunk=512, device=None,
-                   seed=0, head_normalize=DEFAULT_HEAD_NORMALIZE):
+                   seed=0, head_normalize=None, kernel=DEFAULT_KERNEL, train_mode=False):
     """Importance of every head and MLP neuron: {"heads": [...], "neurons": [...]}, one 1-D float64
     CPU tensor per entry of model.blocks (empty where a block has no Attention / Mlp); higher means
     more important.
@@ -499,8 +537,12 @@ def compute_scores(model, loader, num_batches=1, criterion="hsic", head_lambda=D
         batches of loader ((images, targets) pairs; targets are ignored), in eval mode under
         no_grad; the modules' train/eval flags are restored and every hook removed afterwards.
         head_normalize=True divides a head's relevance and redundancy by sqrt(HSIC(K_h, K_h))
-        (normalised HSIC; see scores_from_statistics). Equivalent to
+        (normalised HSIC; see scores_from_statistics); None means the kernel's own choice: True
+        for kernel="scaled" (DEFAULT_HEAD_NORMALIZE), False for kernel="original" (the original's
+        formula). kernel and train_mode: see hsic_statistics. Equivalent to
         scores_from_statistics(hsic_statistics(...), head_lambda, neuron_alpha, head_normalize).
+        The original's criterion in full is compute_scores(model, loader, **original_criterion_kwargs())
+        with loader yielding augmented training batches.
     criterion="taylor": first-order Taylor importance from the same batches (see taylor_scores);
         gradients are taken with respect to activations only, so no parameter's .grad changes.
     criterion="magnitude": weight magnitudes (see _magnitude_scores); loader is not used.
@@ -516,8 +558,21 @@ def compute_scores(model, loader, num_batches=1, criterion="hsic", head_lambda=D
         return _random_scores(parts, seed)
     if criterion == "taylor":
         return taylor_scores(model, loader, num_batches, device)
-    stats = hsic_statistics(model, loader, num_batches, bandwidth, neuron_chunk, device)
-    return scores_from_statistics(stats, float(head_lambda), float(neuron_alpha), head_normalize)
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown kernel {kernel!r}; expected one of {KERNELS}")
+    if head_normalize is None:
+        head_normalize = DEFAULT_HEAD_NORMALIZE if kernel == "scaled" else False
+    stats = hsic_statistics(model, loader, num_batches, bandwidth, neuron_chunk, device, kernel, train_mode)
+    return scores_from_statistics(stats, float(head_lambda), float(neuron_alpha), bool(head_normalize))
+
+
+def original_criterion_kwargs():
+    """compute_scores / rank_model keyword arguments of the original's criterion (a new dict each
+    call): its kernel, unnormalised head HSIC, lambda 0.1, alpha 0.1, one batch, train mode.
+    The original drew that batch from its augmented training loader (RandAugment, random erasing;
+    no mixup), on every rank separately; here the statistics are all-reduced across ranks."""
+    return {"criterion": "hsic", "kernel": "original", "head_normalize": False, "head_lambda": 0.1,
+            "neuron_alpha": 0.1, "num_batches": 1, "train_mode": True}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -9,8 +9,23 @@ not counted. DeiT-Ti / S / B at 224 px: 1.26 / 4.61 / 17.58 GMACs.
 Token counts follow ``pruning.tokens_after_reduction``: a reducing block runs its attention on the
 tokens it receives and its MLP on ``prefix + kept + 1`` tokens when it drops any.
 
+Two conventions (``convention=``):
+  * "exact" (default): every MAC listed above;
+  * "original": what the original implementation's compute_flops counted (Hou & Kung 2022), so that
+    budgets mean what they meant in the paper: the blocks only (no patch embedding, no classifier,
+    no class-token attention row, no attention gate), qkv + proj + q @ k^T + attn @ v + MLP, with
+    the fused token left out of the token count. For a policy (``policy_gmacs``) it is the
+    original's formula itself: kept heads floor(H (1 - h)), kept neurons floor(M (1 - n)) and
+    floor(N (1 - r)^k) tokens (N = prefix + patches, class token included; k = reductions so far;
+    a reducing block's attention sees the count before it). DeiT-S dense: 4.5407 GMACs.
+    A model made with ``pruning.policy_to_spec(..., rounding="original")`` has the original's
+    head and neuron counts exactly; its token counts (``pruning.original_kept_tokens``, what the
+    original's model ran) can differ from the formula's by one at a later reduction, so
+    ``model_macs(model, convention="original")`` and ``policy_gmacs`` then differ slightly.
+
     python flops.py --model deit_small_patch16_224 [--input-size 224] [--num-classes 1000] [--json]
-    python flops.py --resume compressed_model_file [--json]
+    python flops.py --resume compressed_model_file [--json] [--flops-convention original]
+    python flops.py --model deit_small_patch16_224 --policy hou2022-deit-s
 """
 import argparse
 import json
@@ -24,6 +39,13 @@ from models import build_model, load
 from utils import UserError
 
 DEFAULT_MODEL = "deit_small_patch16_224"
+
+CONVENTIONS = ("exact", "original")
+
+
+def _check_convention(convention):
+    if convention not in CONVENTIONS:
+        raise ValueError(f"unknown FLOPs convention {convention!r}; expected one of {CONVENTIONS}")
 
 
 def _input_hw(input_size, patch_embed):
@@ -62,9 +84,27 @@ def _block_macs(blk, n_in, num_prefix):
     return macs, n_out
 
 
-def model_macs(model, input_size=None):
+def _block_macs_original(blk, n_in, fused, num_prefix):
+    """The original convention's MACs of one block receiving ``n_in`` tokens of which ``fused``
+    (0 or 1) is a fused token, which is not counted; returns (macs, n_out, fused_out)."""
+    attn, mlp = blk.attn, blk.mlp
+    n = n_in - fused
+    attn_dim = attn.num_heads * attn.head_dim
+    macs = n * attn.qkv.in_features * attn.qkv.out_features + n * attn.proj.in_features * attn.proj.out_features
+    macs += 2 * n * n * attn_dim
+    n_out = n_in
+    if isinstance(blk, pruning.TokenReducingBlock):
+        n_out, active = pruning.tokens_after_reduction(n_in, num_prefix, blk.token_keep)
+        fused = 1 if active else fused
+    macs += (n_out - fused) * (mlp.fc1.in_features * mlp.fc1.out_features + mlp.fc2.in_features * mlp.fc2.out_features)
+    return macs, n_out, fused
+
+
+def model_macs(model, input_size=None, convention="exact"):
     """{"macs": int, "params": int, "gmacs": float} of ``model`` at ``input_size`` (int, (H, W) or
-    (C, H, W); default the model's image size), from its live shapes and token schedule."""
+    (C, H, W); default the model's image size), from its live shapes and token schedule, counted
+    in ``convention`` ("exact" or "original", see the module docstring)."""
+    _check_convention(convention)
     blocks = pruning.vit_blocks(model)
     if getattr(model, "attn_pool", None) is not None:
         raise ValueError("attention-pool heads (global_pool='map') are not supported by model_macs")
@@ -74,6 +114,14 @@ def model_macs(model, input_size=None):
         raise ValueError(f"patch embedding projection is a {type(conv).__name__}, expected Conv2d")
     height, width = _input_hw(input_size, pe)
     num_patches = _conv_out(height, conv, 0) * _conv_out(width, conv, 1)
+    params = sum(p.numel() for p in model.parameters())
+    if convention == "original":
+        num_prefix = int(getattr(model, "num_prefix_tokens", 1))
+        macs, n_tok, fused = 0, num_prefix + num_patches, 0
+        for blk in blocks:
+            m, n_tok, fused = _block_macs_original(blk, n_tok, fused, num_prefix)
+            macs += m
+        return {"macs": int(macs), "params": int(params), "gmacs": macs / 1e9}
     macs = num_patches * conv.out_channels * (conv.in_channels // conv.groups) * conv.kernel_size[0] * conv.kernel_size[1]
     num_prefix = int(getattr(model, "num_prefix_tokens", 1))
     n_tok = num_prefix + num_patches
@@ -84,16 +132,24 @@ def model_macs(model, input_size=None):
     vectors = n_tok if (len(heads) == 1 and getattr(model, "global_pool", "token") == "") else 1
     for head in heads:
         macs += vectors * head.in_features * head.out_features
-    params = sum(p.numel() for p in model.parameters())
     return {"macs": int(macs), "params": int(params), "gmacs": macs / 1e9}
 
 
-def policy_gmacs(dims, X, round_to=1):
+def policy_gmacs(dims, X, round_to=1, convention="exact", rounding=None):
     """GMACs of the models that policies ``X`` ([n, 2L+1] or [2L+1]) would give, without building them.
 
-    ``dims`` are the dense model's ``pruning.model_dims``; ``round_to`` rounds neuron counts as in
-    ``pruning.policy_to_spec``. Equals ``model_macs(apply_spec(dense, policy_to_spec(...)))["macs"] / 1e9``.
+    ``dims`` are the dense model's ``pruning.model_dims``; ``round_to`` and ``rounding`` ("exact" or
+    "original"; default: the convention's) round counts as in ``pruning.policy_to_spec``.
+    convention="exact" equals
+    ``model_macs(apply_spec(dense, policy_to_spec(..., round_to, rounding=rounding)))["macs"] / 1e9``;
+    convention="original" is the original's formula (module docstring; only with its rounding).
     """
+    _check_convention(convention)
+    if rounding is None:
+        rounding = "exact" if convention == "exact" else "original"
+    pruning._check_rounding(rounding)
+    if convention == "original" and rounding != "original":
+        raise ValueError("the original FLOPs convention counts with the original rounding only")
     X = np.asarray(X, dtype=np.float64)
     single = X.ndim == 1
     X = np.atleast_2d(X)
@@ -102,13 +158,21 @@ def policy_gmacs(dims, X, round_to=1):
         raise pruning.SpecError(f"policy vectors must have 2*{depth}+1 = {2 * depth + 1} entries, got shape {X.shape}")
     width, hd = int(dims["embed_dim"]), int(dims["head_dim"])
     num_prefix, num_patches = int(dims["num_prefix_tokens"]), int(dims["num_patches"])
-    heads_kept = pruning.kept_count(np.asarray(dims["num_heads"], np.int64)[None, :], X[:, :depth])
-    neurons_kept = pruning.kept_count(np.asarray(dims["mlp_hidden"], np.int64)[None, :], X[:, depth:2 * depth], round_to)
+    heads_kept = pruning.kept_count(np.asarray(dims["num_heads"], np.int64)[None, :], X[:, :depth],
+                                    rounding=rounding)
+    neurons_kept = pruning.kept_count(np.asarray(dims["mlp_hidden"], np.int64)[None, :], X[:, depth:2 * depth],
+                                      round_to, rounding)
     rate = X[:, 2 * depth]
     pruning.check_ratio(rate, "token rate")
     schedule = pruning.token_schedule(depth)
-    keep = {b: pruning.kept_tokens(num_patches, kr)
-            for b, kr in zip(schedule, pruning.token_keep_rates(rate, len(schedule)))}
+    if convention == "original":
+        out = _original_formula(width, hd, num_prefix + num_patches, schedule, heads_kept, neurons_kept, rate)
+        return out[0] if single else out
+    if rounding == "original":
+        kept = pruning.original_kept_tokens(num_patches, num_prefix, rate, len(schedule))
+    else:
+        kept = [pruning.kept_tokens(num_patches, kr) for kr in pruning.token_keep_rates(rate, len(schedule))]
+    keep = dict(zip(schedule, kept))
     qkv_per_chan = 4 if dims.get("attn_gate") else 3
     n_tok = np.full(X.shape[0], num_prefix + num_patches, dtype=np.int64)
     ph, pw = dims["patch_size"]
@@ -130,15 +194,43 @@ def policy_gmacs(dims, X, round_to=1):
     return out[0] if single else out
 
 
+def _original_formula(width, head_dim, n_tokens, schedule, heads_kept, neurons_kept, rate):
+    """The original's compute_flops, vectorised over policies, for any depth, width and schedule."""
+    temp = 1.0 - rate
+    counts = [np.full(rate.shape, n_tokens, dtype=np.int64)]        # tokens after k reductions
+    for k in range(1, len(schedule) + 1):
+        counts.append(np.floor(n_tokens * (1.0 - (1.0 - temp ** k))).astype(np.int64))
+    macs = np.zeros(rate.shape, dtype=np.int64)
+    done = 0
+    for b in range(heads_kept.shape[1]):
+        n_attn = counts[done]
+        if b in schedule:
+            done += 1
+        n_mlp = counts[done]
+        attn_dim = heads_kept[:, b] * head_dim
+        macs += 4 * n_attn * width * attn_dim + 2 * n_attn * n_attn * attn_dim
+        macs += 2 * n_mlp * width * neurons_kept[:, b]
+    return macs / 1e9
+
+
 def _build_parser():
-    p = argparse.ArgumentParser(description="GMACs and parameters of a timm ViT or of a compressed-model file")
+    p = argparse.ArgumentParser(description="GMACs and parameters of a timm ViT or of a compressed-model file, "
+                                            "counted exactly and in the original implementation's convention")
     p.add_argument("--model", default=DEFAULT_MODEL, help="timm ViT name or preset of models.py (built with pretrained=False)")
     p.add_argument("--resume", default="", help="a model file (this tool's, dense or compressed; DeiT/timm "
                    "checkpoints and state dicts with --model NAME)")
+    p.add_argument("--policy", default="", help="count --model compressed by this policy: a published name "
+                   f"({', '.join(pruning.published_policy_names())}) or a policy JSON file")
+    p.add_argument("--round-to", type=int, default=1, help="with --policy: neuron counts at multiples of N (default 1)")
+    p.add_argument("--flops-convention", default="exact", choices=CONVENTIONS,
+                   help="which count --json reports as gmacs, and with --policy which rounding builds the model "
+                        "(exact: every MAC, counts rounded to nearest; original: the original's compute_flops, "
+                        "blocks only, int() rounding). Both are always shown.")
     p.add_argument("--input-size", "--input_size", dest="input_size", type=int, default=None,
                    help="image size in pixels (default: the model's)")
     p.add_argument("--num-classes", "--nb_classes", dest="num_classes", type=int, default=None)
-    p.add_argument("--json", action="store_true", help="print one JSON line with keys gmacs and params")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON line: gmacs (in --flops-convention), gmacs_exact, gmacs_original, params")
     return p
 
 
@@ -146,6 +238,8 @@ def main(argv=None):
     """The CLI: prints GMACs and params; every failure is one line on stderr and exit code 2."""
     args = _build_parser().parse_args(argv)
     try:
+        if args.resume and args.policy:
+            raise UserError("give --resume (a compressed model) or --policy (applied to --model), not both")
         if args.resume:
             model, arch, _ = load(args.resume, model_name=None if args.model == DEFAULT_MODEL else args.model,
                                   input_size=args.input_size)
@@ -154,15 +248,31 @@ def main(argv=None):
             kwargs = {} if args.num_classes is None else {"num_classes": args.num_classes}
             model = build_model(args.model, img_size=args.input_size, **kwargs)
             name, size = args.model, args.input_size
-        stats = model_macs(model, size)
+        original = model_macs(model, size, convention="original")
+        if args.policy:
+            rounding = "exact" if args.flops_convention == "exact" else "original"
+            policy, source = pruning.load_policy(args.policy)
+            dims = pruning.model_dims(model)
+            identity = {"heads": [list(range(h)) for h in dims["num_heads"]],   # counts do not depend on
+                        "neurons": [list(range(m)) for m in dims["mlp_hidden"]]}  # which components go
+            spec = pruning.policy_to_spec(policy, identity, dims, round_to=args.round_to, rounding=rounding)
+            pruning.apply_spec(model, spec)
+            # a policy's budget in the original convention is the original's formula
+            original = {"macs": int(round(policy_gmacs(dims, pruning.policy_to_vector(policy), args.round_to,
+                                                       "original") * 1e9))}
+            name = f"{name} + policy {source} ({rounding} rounding)"
+        exact = model_macs(model, size)
     except (UserError, ValueError) as exc:  # SpecError is a ValueError: a block type we cannot count
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    chosen = exact if args.flops_convention == "exact" else original
     if args.json:
-        print(json.dumps({"model": name, "gmacs": round(stats["macs"] / 1e9, 6), "params": stats["params"],
-                          "macs": stats["macs"]}))
+        print(json.dumps({"model": name, "convention": args.flops_convention, "gmacs": round(chosen["macs"] / 1e9, 6),
+                          "macs": chosen["macs"], "gmacs_exact": round(exact["macs"] / 1e9, 6),
+                          "gmacs_original": round(original["macs"] / 1e9, 6), "params": exact["params"]}))
     else:
-        print(f"{name}: {stats['macs'] / 1e9:.3f} GMACs, {stats['params'] / 1e6:.2f} M params")
+        print(f"{name}: {exact['macs'] / 1e9:.4f} GMACs exact, {original['macs'] / 1e9:.4f} GMACs in the "
+              f"original's convention (blocks only), {exact['params'] / 1e6:.2f} M params")
     return 0
 
 

@@ -166,7 +166,11 @@ def get_args_parser():
     g.add_argument("--head-lambda", type=float, default=0.1, help="weight of head redundancy")
     g.add_argument("--neuron-alpha", type=float, default=0.1, help="weight of neuron relevance vs |activation|")
     g.add_argument("--no-head-normalize", dest="head_normalize", action="store_false", default=True,
-                   help="use the paper's unnormalised head HSIC (default: normalised, see README)")
+                   help="unnormalised head HSIC, as in the paper's formula (default: normalised; implied by --hsic-kernel original)")
+    g.add_argument("--hsic-kernel", default="scaled", choices=list(dc.KERNELS),
+                   help="scaled (default: standardised features, distances scaled by feature length); original: "
+                        "the original code's kernel and scores exactly (raw features, bandwidths 1-16, one "
+                        "augmented batch in train mode, unnormalised heads)")
     g.add_argument("--hsic-bandwidth", default=None, choices=["multi", "median"],
                    help="Gaussian kernel bandwidth rule (default: the criterion's, see README)")
 
@@ -193,8 +197,12 @@ def get_args_parser():
                         "in (0, 1) (0.2); default 20%% of the training set, at most 10000 images")
     g.add_argument("--search-on-val", action="store_true",
                    help="score candidates on the validation set (the paper's setting; biased)")
-    g.add_argument("--round-to", type=int, default=8,
-                   help="keep neuron counts at multiples of N (default 8: fast matrix shapes on CPUs and GPUs; 1 = exact ratios)")
+    g.add_argument("--flops-convention", default="exact", choices=list(flops.CONVENTIONS),
+                   help="what --search_flops / --search-reduction count: exact (every MAC; DeiT-S 4.60) or original "
+                        "(the original code's block-only count with int() rounding; DeiT-S 4.54, so 1.84 = its 60%% fewer)")
+    g.add_argument("--round-to", type=int, default=None,
+                   help="keep neuron counts at multiples of N (default 8: fast matrix shapes on CPUs and GPUs; 1 = exact "
+                        "ratios; 1 with --flops-convention original)")
     g.add_argument("--fuse", default="mean", choices=["mean", "weighted"], help="how dropped tokens are fused")
 
     g = p.add_argument_group("prune + finetune")
@@ -212,7 +220,12 @@ def get_args_parser():
                    help="uniform fraction of heads removed per block")
     g.add_argument("--token_sparsity", "--token-sparsity", dest="token_sparsity", type=float, default=None,
                    help="token-removal rate r (keep (1-r)^k at the k-th reduction)")
-    g.add_argument("--policy", default="", help="policy JSON (default: output_dir/search/best_policy.json)")
+    g.add_argument("--policy", default="", help="policy JSON or a published policy name (hou2022-deit-s, "
+                   "hou2022-deit-b); default: output_dir/search/best_policy.json")
+    g.add_argument("--recipe", default="ours", choices=["ours", "paper"],
+                   help="ours: --finetune-epochs/--finetune-lr with soft distillation from the dense model; paper: the "
+                        "original's settings (300 epochs, lr 5e-4, DeiT augmentation, no distillation) for every flag "
+                        "left at its default")
     g.add_argument("--finetune-epochs", type=int, default=None, help="finetuning epochs (IMNET: 30, DIGITS: 30); 0 = prune only, no finetuning")
     g.add_argument("--finetune-lr", type=float, default=None, help="finetuning base lr (IMNET: 5e-5, DIGITS: 2e-3)")
 
@@ -248,6 +261,15 @@ def settle(args):
                                 f"leave out --{key.replace('_', '-')} to use the file's")
             if info[key] is not None and getattr(args, key) is None:
                 setattr(cfg, key, info[key])
+    if cfg.recipe == "paper":  # the original's settings, for every flag the user left at its default
+        parser = get_args_parser()
+        for key, value in pruning.paper_finetune_recipe().items():
+            if getattr(args, key) == parser.get_default(key):
+                setattr(cfg, key, value)
+    original = cfg.flops_convention == "original"
+    cfg.round_to = cfg.round_to or (1 if original else 8)
+    if cfg.criterion_batches is None and cfg.hsic_kernel == "original":
+        cfg.criterion_batches = 1  # the original ranks on one batch
     if cfg.input_size is None and cfg.model is not None and cfg.model != recipe["model"]:
         cfg.input_size = models.native_input_size(cfg.model)
     for key in RECIPE_KEYS:
@@ -427,12 +449,16 @@ def load_dense(ctx, num_classes):
 
 
 def criterion_settings(cfg):
+    if cfg.criterion == "hsic" and cfg.hsic_kernel == "original":
+        return dict(dc.original_criterion_kwargs(), num_batches=cfg.criterion_batches, seed=cfg.seed)
     kw = dict(criterion=cfg.criterion, num_batches=cfg.criterion_batches, head_lambda=cfg.head_lambda,
               neuron_alpha=cfg.neuron_alpha, seed=cfg.seed, head_normalize=cfg.head_normalize)
     return dict(kw, bandwidth=cfg.hsic_bandwidth) if cfg.hsic_bandwidth else kw
 
 
 def rank_dense(ctx, dense, train_plain):
+    if ctx.cfg.criterion == "hsic" and ctx.cfg.hsic_kernel == "original":  # the original ranks augmented images
+        train_plain = datasets.build_dataset(True, ctx.data)[0]
     loader = datasets.criterion_loader(train_plain, ctx.data, ctx.cfg.criterion_batches, ctx.world_size, ctx.rank)
     t0 = time.time()
     rankings = dc.rank_model(dense, loader, **criterion_settings(ctx.cfg))
@@ -446,6 +472,10 @@ def active_dims(cfg):
     return flags if any(flags) else (True, True, True)
 
 
+def rounding(cfg):
+    return "original" if cfg.flops_convention == "original" else "exact"
+
+
 def search_space(cfg, dims, dense_gmacs):
     """The feasible policies of the budget: --search_flops GMACs or --search-reduction of the dense."""
     if cfg.search_flops is None and cfg.search_reduction is None:
@@ -453,7 +483,7 @@ def search_space(cfg, dims, dense_gmacs):
                         f"or --search-reduction FRACTION")
     target = cfg.search_flops if cfg.search_flops is not None else dense_gmacs * (1 - cfg.search_reduction)
     active = np.repeat(active_dims(cfg), [dims["depth"], dims["depth"], 1])
-    return ei.FeasibleSampler(lambda X: flops.policy_gmacs(dims, X, round_to=cfg.round_to), target,
+    return ei.FeasibleSampler(lambda X: flops.policy_gmacs(dims, X, cfg.round_to, cfg.flops_convention), target,
                               dim=2 * dims["depth"] + 1, upper=cfg.search_max_ratio, tol=cfg.search_tol, active=active)
 
 
@@ -462,7 +492,8 @@ def run_search(ctx):
     train_plain, ncls = datasets.build_dataset(True, ctx.data, train_transform=False)
     val_set, _ = datasets.build_dataset(False, ctx.data)
     dense, arch = load_dense(ctx, ncls)
-    dims, dense_gmacs = pruning.model_dims(dense), flops.model_macs(dense)["macs"] / 1e9
+    dims = pruning.model_dims(dense)
+    dense_gmacs = flops.model_macs(dense, convention=cfg.flops_convention)["macs"] / 1e9
     sampler = search_space(cfg, dims, dense_gmacs)
     target, active = sampler.target, sampler.active
     split, split_desc = datasets.search_split(train_plain, val_set, cfg.search_holdout, cfg.search_on_val, cfg.seed)
@@ -471,6 +502,7 @@ def run_search(ctx):
               "objective": cfg.search_objective,
               "active": active.tolist(), "max_ratio": cfg.search_max_ratio, "tol": cfg.search_tol,
               "round_to": cfg.round_to, "fuse": cfg.fuse, "dense": arch["model"], "split": split_desc,
+              "convention": cfg.flops_convention,
               "population": cfg.search_population, "pool": cfg.search_pool}
     log_path = os.path.join(out, "search_log.jsonl") if out else None
 
@@ -496,10 +528,11 @@ def run_search(ctx):
 
     def evaluate(x):
         policy = pruning.policy_from_vector(x, dims["depth"])
-        model = pruning.slice_model(dense, policy, rankings, cfg.round_to, cfg.fuse)
+        model = pruning.slice_model(dense, policy, rankings, cfg.round_to, cfg.fuse, rounding(cfg))
         counted, stats = flops.model_macs(model), engine.objective_stats(model, loader, ctx.device, reference, ctx.amp)
         return engine.objective_value(stats, cfg.search_objective), {
             "policy": policy, "gmacs": counted["macs"] / 1e9, "params": counted["params"], "acc1": stats["acc1"],
+            "budget_gmacs": float(flops.policy_gmacs(dims, x, cfg.round_to, cfg.flops_convention)),
             "loss": stats["loss"], "kl": stats["kl"], "search": header}
 
     def on_record(rec):
@@ -514,7 +547,7 @@ def run_search(ctx):
                         share=utils.broadcast_object if ctx.distributed else None, leader=ctx.rank == 0,
                         pool_size=cfg.search_pool, refine_per_point=max(20, cfg.search_pool // 20))
     best = res["best"]
-    best_model = pruning.slice_model(dense, best["policy"], rankings, cfg.round_to, cfg.fuse)
+    best_model = pruning.slice_model(dense, best["policy"], rankings, cfg.round_to, cfg.fuse, rounding(cfg))
     val_loader = datasets.build_loaders(ctx.data, ctx.distributed, train=False)["val"]
     val = engine.evaluate(val_loader, best_model, ctx.device, ctx.amp)
     spent = sum(r["seconds"] for r in res["history"])
@@ -523,11 +556,13 @@ def run_search(ctx):
               "val_acc1_before_finetune": val["acc1"], "step": best["step"], "evaluations": len(res["history"]), "objective": cfg.search_objective,
               "search_score": best["y"],
               "mode": cfg.search_mode, "criterion": cfg.criterion, "split": split_desc, "model": arch["model"],
+              "flops_convention": cfg.flops_convention, "budget_gmacs": best["budget_gmacs"],
               "input_size": arch["input_size"], "round_to": cfg.round_to, "fuse": cfg.fuse,
               "gp_share": sum(r.get("gp_seconds", 0.0) for r in res["history"]) / spent
               if spent > 0 and cfg.search_mode == "ei" else None, "rankings": rankings}
-    logger.info(f"search done: best {cfg.search_objective} {best['y']:.4g} on the search split at {best['gmacs']:.4g} GMACs "
-                f"(target {target:.4g}); val top-1 before finetune {val['acc1']:.2f}")
+    logger.info(f"search done: best {cfg.search_objective} {best['y']:.4g} on the search split at {best['budget_gmacs']:.4g} "
+                f"GMACs ({cfg.flops_convention}; target {target:.4g}; exact {best['gmacs']:.4g}); val top-1 before "
+                f"finetune {val['acc1']:.2f}")
     if out and ctx.rank == 0:
         utils.write_json_atomic(os.path.join(out, "best_policy.json"), result)
         if not ei.plot_history(res["history"], os.path.join(out, "search.png"), f"{cfg.search_objective} on the search split"):
@@ -549,6 +584,8 @@ def resolve_policy(ctx, depth):
     elif path and os.path.exists(path):
         policy, rankings, _ = pruning.read_policy_file(path)
         source = path
+    elif cfg.policy:  # a published policy by name (or a one-line error listing the names)
+        policy, source = pruning.load_policy(cfg.policy)
     else:
         raise UserError(f"no pruning policy{f' ({path} does not exist)' if path else ''}: run --search first, pass "
                         f"--policy FILE, or give --head_sparsity/--neuron_sparsity/--token_sparsity")
@@ -570,6 +607,7 @@ def run_prune_finetune(ctx):
     recipe = make_recipe(cfg, ctx.world_size, finetune=True)
     run_dir = os.path.join(ctx.out, "prune_finetune") if ctx.out else None
     identity = {"dense": os.path.abspath(cfg.resume), "policy": policy, "round_to": cfg.round_to, "fuse": cfg.fuse,
+                "rounding": rounding(cfg),
                 "rankings": "search" if rankings else criterion_settings(cfg),
                 "recipe": {k: v for k, v in recipe.as_dict().items() if k not in ("epochs", "log_every", "max_steps")}}
     state = None
@@ -585,7 +623,7 @@ def run_prune_finetune(ctx):
         if rankings is None:
             rankings = rank_dense(ctx, dense, datasets.build_dataset(True, ctx.data, train_transform=False)[0])
         logger.info(f"components kept by the rankings {'the search scored its policies with' if source != 'uniform ratios' and identity['rankings'] == 'search' else 'computed now with the ' + cfg.criterion + ' criterion'}")
-        model = pruning.slice_model(dense, policy, rankings, cfg.round_to, cfg.fuse)
+        model = pruning.slice_model(dense, policy, rankings, cfg.round_to, cfg.fuse, rounding(cfg))
         arch = dict(dense_arch, prune_spec=model.prune_spec)
     model.to(ctx.device)
     dense_m, comp_m = flops.model_macs(dense), flops.model_macs(model)

@@ -32,6 +32,11 @@ Rounding (shared by ``policy_to_spec`` and ``flops.policy_gmacs`` so the two agr
 
 ``round_to`` applies to MLP neurons only (``--round-to``); heads always use 1.
 
+``rounding="original"`` follows the original implementation (Hou & Kung 2022) instead:
+``kept = floor(total * (1 - ratio))`` (so any ratio > 0 removes at least one head), then the same
+``round_to`` and clipping; its token counts are ``original_kept_tokens``. A model made this way
+has the head, neuron and token counts the original's model had for the same policy.
+
 Token reduction (EViT-style)
 ----------------------------
 The spec names reducing blocks (``token_schedule(depth)``: about 1/3, 7/12 and 5/6 of the depth;
@@ -54,6 +59,7 @@ The class-token attention row is computed from the class token's query only,
 """
 import copy
 import json
+import os
 
 import numpy as np
 import torch
@@ -64,6 +70,7 @@ from timm.models.vision_transformer import Attention, Block
 
 SPEC_VERSION = 1
 FUSE_MODES = ("mean", "weighted")
+ROUNDINGS = ("exact", "original")
 # a third, a half-plus and five-sixths of the depth, as twelfths (blocks 4, 7, 10 of 12, 1-based)
 _SCHEDULE_TWELFTHS = (4, 7, 10)
 
@@ -167,20 +174,31 @@ def check_ratio(ratio, what="removal ratio"):
     return r
 
 
-def kept_count(total, remove_ratio, round_to=1):
+def _check_rounding(rounding):
+    if rounding not in ROUNDINGS:
+        raise SpecError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
+
+
+def kept_count(total, remove_ratio, round_to=1, rounding="exact"):
     """Number of units kept when a fraction ``remove_ratio`` of ``total`` is removed.
 
-    removed = floor(ratio*total + 0.5); kept = total - removed; kept is rounded to the nearest
-    multiple of ``round_to`` (halves up) and clipped to [max(1, min(round_to, total)), total].
+    rounding="exact": removed = floor(ratio*total + 0.5); kept = total - removed.
+    rounding="original": kept = floor(total * (1 - ratio)) (the original's int(H * (1 - ratio))).
+    Then kept is rounded to the nearest multiple of ``round_to`` (halves up) and clipped to
+    [max(1, min(round_to, total)), total].
     Works elementwise on numpy arrays (returns an int64 array) and on scalars (returns int).
     """
     round_to = int(round_to)
     if round_to < 1:
         raise SpecError(f"round_to must be >= 1, got {round_to}")
+    _check_rounding(rounding)
     scalar = np.ndim(total) == 0 and np.ndim(remove_ratio) == 0
     r = check_ratio(remove_ratio)
     tot = np.asarray(total, dtype=np.int64)
-    kept = tot - np.floor(r * tot + 0.5).astype(np.int64)
+    if rounding == "original":
+        kept = np.floor(tot * (1.0 - r)).astype(np.int64)
+    else:
+        kept = tot - np.floor(r * tot + 0.5).astype(np.int64)
     if round_to > 1:
         kept = (kept + round_to // 2) // round_to * round_to
     low = np.maximum(1, np.minimum(round_to, tot))
@@ -208,6 +226,26 @@ def kept_tokens(num_patches, keep_rate):
     n = np.asarray(num_patches, dtype=np.int64)
     k = np.minimum(np.maximum(np.floor(rate * n + 0.5).astype(np.int64), 1), n)
     return int(k) if k.ndim == 0 else k
+
+
+def original_kept_tokens(num_patches, num_prefix, rate, n_blocks=3):
+    """Kept non-prefix tokens at each of ``n_blocks`` reducing blocks as the original's model
+    counted them: a block that receives n tokens (prefix and any fused token included) keeps
+    K = floor(n * (1 - rate)) of them, the prefix first, and appends one fused token, so the next
+    block receives K + 1. Returned as non-prefix counts k = K - prefix, clipped to [1, n - prefix]
+    (k = n - prefix: that block reduces nothing). Scalar rate -> list of ints; array -> list of
+    int64 arrays."""
+    r = check_ratio(rate, "token rate")
+    prefix = int(num_prefix)
+    n = np.full(r.shape, prefix + int(num_patches), dtype=np.int64)
+    out = []
+    for _ in range(int(n_blocks)):
+        k = np.clip(np.floor(n * (1.0 - r)).astype(np.int64) - prefix, 1, n - prefix)
+        out.append(k)
+        n = np.where(k < n - prefix, prefix + k + 1, n)
+    if np.ndim(rate) == 0:
+        return [int(k) for k in out]
+    return out
 
 
 def tokens_after_reduction(n_tokens, num_prefix, keep):
@@ -272,6 +310,110 @@ def policy_from_vector(x, depth):
     return policy
 
 
+def policy_from_original_vector(x, depth):
+    """A policy from the original implementation's vector order [neuron_0..neuron_{L-1},
+    head_0..head_{L-1}, r] (its search slices ratio[:L] for neurons, ratio[L:2L] for heads)."""
+    x = np.asarray(x, dtype=np.float64).reshape(-1)
+    depth = int(depth)
+    if x.size != 2 * depth + 1:
+        raise SpecError(f"policy vector has {x.size} entries, expected 2*{depth}+1 = {2 * depth + 1}")
+    return policy_from_vector(np.concatenate([x[depth:2 * depth], x[:depth], x[2 * depth:]]), depth)
+
+
+def policy_to_original_vector(policy):
+    """The original implementation's vector order [neuron..., head..., r] as a float64 array."""
+    x = policy_to_vector(policy)
+    depth = len(policy["head"])
+    return np.concatenate([x[depth:2 * depth], x[:depth], x[2 * depth:]])
+
+
+# --------------------------------------------------------------------------------------------
+# published policies and the paper's finetuning recipe
+# --------------------------------------------------------------------------------------------
+
+POLICY_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "policies")
+
+
+def _published():
+    """{name: entry} from every policies/*.json (each file: {"source", "policies": {name: entry}})."""
+    out = {}
+    for fname in sorted(os.listdir(POLICY_DIR)) if os.path.isdir(POLICY_DIR) else []:
+        if not fname.endswith(".json"):
+            continue
+        with open(os.path.join(POLICY_DIR, fname)) as f:
+            data = json.load(f)
+        for name, entry in data.get("policies", {}).items():
+            out[name] = dict(entry, source=data.get("source", fname), file=fname)
+    return out
+
+
+def published_policy_names():
+    """Short names of the policies shipped in policies/ (e.g. hou2022-deit-s, hou2022-deit-b)."""
+    return sorted(_published())
+
+
+def published_policy_info(name):
+    """Everything recorded about a published policy: model, label, rounding and flops_convention
+    it was searched under, search_acc1, source, file, and policy. Unknown name: SpecError naming
+    the known ones."""
+    table = _published()
+    if name not in table:
+        raise SpecError(f"unknown published policy {name!r}; known: {', '.join(sorted(table)) or 'none'}")
+    entry = copy.deepcopy(table[name])
+    validate_policy(entry["policy"], len(entry["policy"]["head"]))
+    return entry
+
+
+def published_policy(name):
+    """The published policy ``name`` as a policy dict {"head", "neuron", "token"} (a new copy).
+    It was made for ``published_policy_info(name)["model"]`` under the original's rounding:
+    build it with ``policy_to_spec(..., rounding="original")`` to get the original's model."""
+    return published_policy_info(name)["policy"]
+
+
+def load_policy(source):
+    """(policy, description) from a published policy name or a JSON file holding a policy, or a
+    dict with a "policy" entry (as search/best_policy.json). SpecError (one line) otherwise."""
+    source = str(source)
+    if os.path.isfile(source):
+        try:
+            with open(source) as f:
+                loaded = json.load(f)
+        except (OSError, ValueError) as exc:
+            raise SpecError(f"cannot read policy {source}: {exc}") from exc
+        policy = loaded.get("policy", loaded) if isinstance(loaded, dict) else loaded
+        if not isinstance(policy, dict) or "head" not in policy:
+            raise SpecError(f"{source} holds no policy (expected keys head, neuron, token)")
+        validate_policy(policy, len(policy["head"]))
+        return policy, source
+    names = published_policy_names()
+    if source in names:
+        return published_policy(source), source
+    raise SpecError(f"no policy file or published policy named {source!r}; published: {', '.join(names)}")
+
+
+def paper_finetune_recipe():
+    """The original implementation's prune + finetune settings (a new dict each call), keyed by
+    main.py's argument names. Its prune_finetune step simply continued with its training defaults
+    (DeiT's recipe): 300 epochs, AdamW, base lr 5e-4 scaled by global batch / 512 (8 GPUs x 128 =
+    1e-3), cosine schedule stepped per epoch with 5 warm-up epochs from 1e-6 down to 1e-5, weight
+    decay 0.05, RandAugment, random erasing, mixup / cutmix, label smoothing, repeated
+    augmentation, drop-path 0.1, model EMA (kept, never evaluated), mixed precision, NO
+    distillation (its distillation-for-finetuning code is commented out), training mode on.
+    Its cooldown_epochs of 10 only lengthen the scheduler's nominal length; the loop ran 300
+    epochs. It evaluated on ImageNet val after every epoch and printed the best so far."""
+    return {
+        "finetune_epochs": 300, "finetune_lr": 5e-4, "unscale_lr": False, "opt": "adamw", "opt_eps": 1e-8,
+        "opt_betas": None, "weight_decay": 0.05, "clip_grad": None, "sched": "cosine", "warmup_epochs": 5,
+        "warmup_lr": 1e-6, "min_lr": 1e-5, "cooldown_epochs": 10, "smoothing": 0.1, "mixup": 0.8,
+        "cutmix": 1.0, "cutmix_minmax": None, "mixup_prob": 1.0, "mixup_switch_prob": 0.5,
+        "mixup_mode": "batch", "aa": "rand-m9-mstd0.5-inc1", "color_jitter": 0.4,
+        "train_interpolation": "bicubic", "reprob": 0.25, "remode": "pixel", "recount": 1,
+        "repeated_aug": True, "drop": 0.0, "drop_path": 0.1, "model_ema": True, "model_ema_decay": 0.99996,
+        "distillation_type": "none", "amp": True,
+    }
+
+
 # --------------------------------------------------------------------------------------------
 # specs
 # --------------------------------------------------------------------------------------------
@@ -297,14 +439,17 @@ def _check_ranking(rank, total, what, block):
     return rank
 
 
-def policy_to_spec(policy, rankings, dims, round_to=1, fuse="mean"):
+def policy_to_spec(policy, rankings, dims, round_to=1, fuse="mean", rounding="exact"):
     """Spec of the policy: in each block remove the first-ranked (least important) heads / neurons.
 
     ``dims`` are the DENSE model's ``model_dims``; ``round_to`` applies to neuron counts.
-    A token rate of 0 gives ``tokens: None``.
+    A token rate of 0 gives ``tokens: None``. ``rounding`` (see ``kept_count``): "exact" rounds
+    counts to the nearest; "original" gives the original's model for the policy (its head and
+    neuron counts, and its token counts ``original_kept_tokens``, stored as keep rates k / Np).
     """
     depth = int(dims["depth"])
     validate_policy(policy, depth)
+    _check_rounding(rounding)
     if fuse not in FUSE_MODES:
         raise SpecError(f"fuse must be one of {FUSE_MODES}, got {fuse!r}")
     for key in ("heads", "neurons"):
@@ -317,27 +462,32 @@ def policy_to_spec(policy, rankings, dims, round_to=1, fuse="mean"):
         h_tot, m_tot = int(dims["num_heads"][b]), int(dims["mlp_hidden"][b])
         h_rank = _check_ranking(rankings["heads"][b], h_tot, "head", b)
         m_rank = _check_ranking(rankings["neurons"][b], m_tot, "neuron", b)
-        h_keep = kept_count(h_tot, policy["head"][b])
-        m_keep = kept_count(m_tot, policy["neuron"][b], round_to)
+        h_keep = kept_count(h_tot, policy["head"][b], rounding=rounding)
+        m_keep = kept_count(m_tot, policy["neuron"][b], round_to, rounding)
         heads.append(sorted(h_rank[h_tot - h_keep:]))
         neurons.append(sorted(m_rank[m_tot - m_keep:]))
     r = float(policy["token"])
     tokens = None
     if r > 0.0:
         blocks = token_schedule(depth)
-        tokens = {"blocks": blocks, "keep_rates": token_keep_rates(r, len(blocks)), "fuse": fuse}
+        if rounding == "original":
+            n_p = int(dims["num_patches"])
+            rates = [k / n_p for k in original_kept_tokens(n_p, dims["num_prefix_tokens"], r, len(blocks))]
+        else:
+            rates = token_keep_rates(r, len(blocks))
+        tokens = {"blocks": blocks, "keep_rates": rates, "fuse": fuse}
     spec = {"version": SPEC_VERSION, "depth": depth, "heads": heads, "neurons": neurons, "tokens": tokens,
             "arch": _arch(dims), "policy": {"head": [float(v) for v in policy["head"]],
                                             "neuron": [float(v) for v in policy["neuron"]],
-                                            "token": r, "round_to": int(round_to)}}
+                                            "token": r, "round_to": int(round_to), "rounding": rounding}}
     return spec
 
 
-def slice_model(dense, policy, rankings, round_to=1, fuse="mean"):
+def slice_model(dense, policy, rankings, round_to=1, fuse="mean", rounding="exact"):
     """A physically compressed COPY of the dense model: ``policy`` applied with ``rankings``
     (least important first). The dense model is left as it was; the copy's ``prune_spec`` holds
     the spec (see ``policy_to_spec``)."""
-    spec = policy_to_spec(policy, rankings, model_dims(dense), round_to=round_to, fuse=fuse)
+    spec = policy_to_spec(policy, rankings, model_dims(dense), round_to=round_to, fuse=fuse, rounding=rounding)
     return apply_spec(copy.deepcopy(dense), spec)
 
 
