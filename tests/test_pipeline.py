@@ -110,3 +110,32 @@ def test_pipeline_smoke(tmp_path):
     for row, r in zip(summary["rows"][1:], (0.4, 0.6)):
         assert abs(row["gmacs"] - dense * (1 - r)) <= 0.02 * dense * (1 - r)
     assert "| dense |" in out
+
+
+@pytest.mark.slow
+def test_seed_commands_in_the_papers_setting(tmp_path):
+    """The seed's three command lines verbatim plus the paper-setting options, 2 processes."""
+    import flops
+    import models
+    data = make_image_folder(str(tmp_path / "imagenet"), classes=("n01", "n02", "n03"), per_class=(16, 4))
+    logs = tmp_path / "logs"
+    common = ["--model", "vit_pico_patch8_32", "--batch-size", "4", "--data-path", data, "--output_dir", logs,
+              "--dist-eval", "--input-size", "32", "--num_workers", "0"]
+    paper = ["--hsic-kernel", "original", "--flops-convention", "original", "--search-on-val"]
+    res = _launch(common + ["--epochs", "1"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    os.replace(logs / "checkpoint.pth", logs / "deit_small.pth")
+    dense, _ = models.load_model_file(str(logs / "deit_small.pth"))
+    target = round(0.6 * flops.model_macs(dense, convention="original")["macs"] / 1e9, 6)
+    res = _launch(common + paper + ["--resume", logs / "deit_small.pth", "--eval", "--search", "--search_epoch", "2",
+                                    "--search_flops", str(target), "--search_population", "2"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    best = json.loads((logs / "search" / "best_policy.json").read_text())
+    assert best["flops_convention"] == "original" and abs(best["budget_gmacs"] - target) <= 0.02 * target
+    res = _launch(common + paper + ["--resume", logs / "deit_small.pth", "--neuron_pruning", "--head_pruning",
+                                    "--token_pruning", "--prune_finetune", "--recipe", "paper",
+                                    "--finetune-epochs", "1"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    ckpt = torch.load(logs / "prune_finetune" / "checkpoint.pth", weights_only=True)
+    assert ckpt["recipe"]["distillation"] == "none" and ckpt["recipe"]["mixup"] == 0.8
+    assert ckpt["arch"]["prune_spec"]["policy"]["rounding"] == "original"
