@@ -319,7 +319,7 @@ def test_requeued_training_job_resumes_and_logs_each_epoch_once(trained):
     # --open-mode=append: one file holds both runs, each started by the script with 2 tasks
     assert re.findall(r" job \d+ restart (\d+): 2 task\(s\)", text) == ["0", "1"], text
     assert text.count("6 epochs, 2 process(es), device cpu") == 2, text
-    resumed = re.findall(r"resumed \S+checkpoint\.pth at epoch (\d+)", text)
+    resumed = re.findall(r"train: resumed at epoch (\d+)", text)
     assert len(resumed) == 1 and 1 <= int(resumed[0]) < 6, text  # the second run, mid-way
     epochs = [json.loads(line)["epoch"] for line in (run_dir / "log.jsonl").read_text().splitlines()]
     assert epochs == list(range(6)), epochs
