@@ -630,13 +630,14 @@ def run_prune_finetune(ctx):
     logger.info(f"policy from {source}: {dense_m['macs'] / 1e9:.4g} -> {comp_m['macs'] / 1e9:.4g} GMACs "
                 f"({100 * (1 - comp_m['macs'] / dense_m['macs']):.1f}% fewer), params "
                 f"{dense_m['params'] / 1e6:.3f}M -> {comp_m['params'] / 1e6:.3f}M")
-    before = engine.evaluate(data["val"], model, ctx.device, ctx.amp)
+    # before finetuning: measured once, kept in the checkpoints, so a resumed run reports the same
+    before = (state or {}).get("before_finetune") or engine.evaluate(data["val"], model, ctx.device, ctx.amp)
     dense_stats = engine.evaluate(data["val"], dense, ctx.device, ctx.amp)
     logger.info(f"val top-1: dense {dense_stats['acc1']:.2f}, pruned before finetune {before['acc1']:.2f}")
     stats = engine.fit(model, data["train"], data["val"], recipe, ctx.device, data["num_classes"], run_dir=run_dir,
                        arch=arch, teacher=dense if recipe.distillation != "none" else None, resume=state,
                        distributed=ctx.distributed, amp=ctx.amp, rank=ctx.rank, tag="finetune",
-                       extra={"args": utils.primitives(vars(cfg)), "recipe": recipe.as_dict()})
+                       extra={"args": utils.primitives(vars(cfg)), "recipe": recipe.as_dict(), "before_finetune": before})
     result = {"policy": policy, "policy_source": source, "dense_gmacs": dense_m["macs"] / 1e9,
               "gmacs": comp_m["macs"] / 1e9, "dense_params": dense_m["params"], "params": comp_m["params"],
               "dense_acc1": dense_stats["acc1"], "acc1_before_finetune": before["acc1"], "acc1": stats["acc1"],

@@ -84,6 +84,7 @@ def test_uniform_ratios_and_finetune_resume(tmp_path):
     a = json.loads((tmp_path / "full" / "prune_finetune" / "result.json").read_text())
     b = json.loads((out / "prune_finetune" / "result.json").read_text())
     assert a["gmacs"] == b["gmacs"] and a["acc1"] == pytest.approx(b["acc1"])
+    assert a["acc1_before_finetune"] == b["acc1_before_finetune"]  # the pruned model's, not the resumed one's
     sa = torch.load(tmp_path / "full" / "prune_finetune" / "compressed.pth", weights_only=True)
     sb = torch.load(out / "prune_finetune" / "compressed.pth", weights_only=True)
     assert sa["arch"]["prune_spec"] == sb["arch"]["prune_spec"]
