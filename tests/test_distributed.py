@@ -21,6 +21,7 @@ def _torchrun(nproc, args, timeout=300):
     return run_subprocess(cmd, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_torchrun_trains_and_dist_eval_matches_one_process(tmp_path):
     out = tmp_path / "run"
     res = _torchrun(2, FAST + ["--epochs", "1", "--max-steps", "3", "--output_dir", out, "--dist-eval"])
@@ -37,6 +38,7 @@ def test_torchrun_trains_and_dist_eval_matches_one_process(tmp_path):
     assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_seed_pretrain_command_under_launch(tmp_path):
     """The seed README's pretrain line, on a tiny ImageNet layout, a small model and one epoch."""
     data = make_image_folder(str(tmp_path / "imagenet"), classes=("n01", "n02", "n03"), per_class=(8, 4))
@@ -67,6 +69,7 @@ def test_slurm_environment_is_understood():
     assert utils._first_slurm_host(env["SLURM_JOB_NODELIST"]) == "gpu07"
 
 
+@pytest.mark.slow
 def test_kill_and_resume_auto_matches_uninterrupted_run(tmp_path):
     args = FAST + ["--epochs", "4", "--max-steps", "12", "--model-ema", "--model-ema-decay", "0.9"]
     full = run_subprocess([PY, "main.py"] + args + ["--output_dir", tmp_path / "full"])

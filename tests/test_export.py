@@ -22,6 +22,8 @@ import pruning
 from pruning import apply_spec, model_dims, policy_to_spec, uniform_policy
 from utils import UserError
 
+pytestmark = pytest.mark.slow  # CLI runs, subprocesses or ONNX exports: out of the fast lane
+
 ort = pytest.importorskip("onnxruntime")
 
 MEAN, STD = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]

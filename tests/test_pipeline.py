@@ -8,6 +8,8 @@ import torch
 
 from helpers import run_and_kill, FAST, ROOT, make_image_folder, run_cli, run_subprocess
 
+pytestmark = pytest.mark.slow  # CLI runs, subprocesses or ONNX exports: out of the fast lane
+
 PY = sys.executable
 
 

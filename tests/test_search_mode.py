@@ -7,6 +7,8 @@ import pytest
 
 from helpers import run_and_kill, FAST, run_cli, run_subprocess
 
+pytestmark = pytest.mark.slow  # CLI runs, subprocesses or ONNX exports: out of the fast lane
+
 PY = sys.executable
 SEARCH = ["--search", "--search-reduction", "0.4", "--search_population", "4", "--search_epoch", "4",
           "--search-holdout", "60", "--criterion-batches", "2", "--search-pool", "500"]
