@@ -303,14 +303,8 @@ def fit(model, train_loader, val_loader, recipe, device, num_classes, run_dir=No
         best = resume.get("best", best)
         logger.info(f"{tag}: resumed at epoch {start_epoch}")
     log_path = os.path.join(run_dir, "log.jsonl") if run_dir else None
-    if log_path and rank == 0 and os.path.exists(log_path):  # a restart must not append to a stale log
-        records = read_jsonl(log_path)
-        kept = [r for r in records if r.get("epoch", -1) < start_epoch]
-        last = (resume or {}).get("log_record")
-        if isinstance(last, dict) and not any(r.get("epoch") == last.get("epoch") for r in kept):
-            kept.append(last)  # killed after the checkpoint, before its log line
-        if kept != records or os.path.getsize(log_path) != sum(len(json.dumps(r)) + 1 for r in records):
-            write_jsonl(log_path, kept)
+    if log_path and rank == 0:  # only rank 0 writes the log; a restart must not append to a stale one
+        _trim_log(log_path, start_epoch, resume)
 
     scheduler.step_update(start_epoch * steps)
     if start_epoch >= recipe.epochs:
@@ -348,6 +342,20 @@ def fit(model, train_loader, val_loader, recipe, device, num_classes, run_dir=No
                          stats, dict(extra or {}, log_record=record))
             append_jsonl(log_path, record)
     return stats
+
+
+def _trim_log(log_path, start_epoch, resume):
+    """Keep exactly the epochs before ``start_epoch`` in the log, plus the resumed checkpoint's own
+    line when a kill came between the checkpoint and its log line."""
+    if not os.path.exists(log_path):
+        return
+    records = read_jsonl(log_path)
+    kept = [r for r in records if r.get("epoch", -1) < start_epoch]
+    last = (resume or {}).get("log_record")
+    if isinstance(last, dict) and not any(r.get("epoch") == last.get("epoch") for r in kept):
+        kept.append(last)
+    if kept != records or os.path.getsize(log_path) != sum(len(json.dumps(r)) + 1 for r in records):
+        write_jsonl(log_path, kept)
 
 
 def _write_epoch(run_dir, model, arch, optimizer, scheduler, scaler, model_ema, epoch, best, is_best, stats, extra):
