@@ -74,3 +74,25 @@ def run_and_kill(args, log, lines, timeout=240, poll=0.02):
 
 
 PY = sys.executable
+
+
+def run_ranks(script, out_dir, world=2, timeout=180):
+    """Run ``python script RANK WORLD PORT OUT_DIR`` as ``world`` plain subprocesses (a gloo group
+    the script sets up itself); fail with their output if any rank fails; returns each rank's
+    ``OUT_DIR/rank{r}.pt``. Plain subprocesses, unlike multiprocessing's spawn, do not re-run
+    pytest's entry point in every child: the cost is one interpreter start per rank."""
+    import torch
+    from utils import free_port
+    port = free_port()
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+    procs = [subprocess.Popen([sys.executable, os.path.abspath(script), str(r), str(world), str(port), str(out_dir)],
+                              env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for r in range(world)]
+    try:
+        outs = [p.communicate(timeout=timeout)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert all(p.returncode == 0 for p in procs), "\n".join(outs)
+    return [torch.load(os.path.join(str(out_dir), f"rank{r}.pt"), weights_only=True) for r in range(world)]

@@ -1,8 +1,6 @@
 """Tests for dependency_criterion: the vectorised estimator against a slow, obvious reference."""
 import json
 import os
-import socket
-import subprocess
 import sys
 
 import pytest
@@ -12,6 +10,7 @@ from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import Attention, VisionTransformer
 
 import dependency_criterion as dc
+from helpers import run_ranks
 
 
 def tiny_vit(**kw):
@@ -351,10 +350,6 @@ def test_bad_arguments():
 
 # ---------------------------------------------------------------- distributed (gloo, 2 processes)
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _dist_worker(rank, world, port, out_dir):
@@ -372,23 +367,8 @@ def _dist_worker(rank, world, port, out_dir):
 
 
 def test_distributed_ranks_agree_with_single_process(tmp_path):
-    # Plain subprocesses running this file (see __main__ below): unlike multiprocessing's spawn they
-    # do not re-run pytest's entry point in every child, so the test costs two interpreter starts.
-    world, port = 2, _free_port()
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
-    procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), str(r), str(world), str(port),
-                               str(tmp_path)], env=env, cwd=root, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
-             for r in range(world)]
-    try:
-        outs = [p.communicate(timeout=120)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    assert all(p.returncode == 0 for p in procs), "\n".join(outs)
-    res = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)]
+    # this file's __main__ (below) is each rank
+    res = run_ranks(__file__, tmp_path, timeout=120)
     torch.manual_seed(0)
     model = tiny_vit()
     batches = make_batches(4, 6)

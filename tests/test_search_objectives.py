@@ -2,8 +2,6 @@
 import copy
 import math
 import os
-import socket
-import subprocess
 import sys
 
 import pytest
@@ -12,6 +10,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 import datasets
 import engine
+from helpers import run_ranks
 
 CPU = torch.device("cpu")
 
@@ -110,10 +109,6 @@ def test_other_batches_than_the_reference_are_refused():
 
 # ---------------------------------------------------------------- distributed (gloo, 2 processes)
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _sharded(rank, world):
@@ -142,21 +137,7 @@ def _dist_worker(rank, world, port, out_dir):
 
 
 def test_distributed_sums_equal_single_process(tmp_path):
-    world, port = 2, _free_port()
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
-    procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), str(r), str(world), str(port),
-                               str(tmp_path)], env=env, cwd=root, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
-             for r in range(world)]
-    try:
-        outs = [p.communicate(timeout=180)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    assert all(p.returncode == 0 for p in procs), "\n".join(outs)
-    res = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)]
+    res = run_ranks(__file__, tmp_path, timeout=180)
     loader = _sharded(0, 1)
     single = engine.objective_stats(_candidate(), loader, CPU, engine.reference_outputs(tiny_vit(), loader, CPU))
     assert res[0] == res[1] and res[0]["n"] == 21

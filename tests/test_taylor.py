@@ -1,8 +1,6 @@
 """--criterion taylor against a slow reference that needs no autograd: for every component in
 turn, scale its output by (1 +- eps) and difference each image's float64 loss."""
 import os
-import socket
-import subprocess
 import sys
 
 import torch
@@ -11,6 +9,7 @@ from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import VisionTransformer
 
 import dependency_criterion as dc
+from helpers import run_ranks
 
 
 def tiny_vit(**kw):
@@ -175,10 +174,6 @@ def test_distilled_model():
 
 # ---------------------------------------------------------------- distributed (gloo, 2 processes)
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _dist_worker(rank, world, port, out_dir):
@@ -195,21 +190,7 @@ def _dist_worker(rank, world, port, out_dir):
 
 
 def test_distributed_ranks_agree_with_single_process(tmp_path):
-    world, port = 2, _free_port()
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
-    procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), str(r), str(world), str(port),
-                               str(tmp_path)], env=env, cwd=root, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
-             for r in range(world)]
-    try:
-        outs = [p.communicate(timeout=180)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    assert all(p.returncode == 0 for p in procs), "\n".join(outs)
-    res = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)]
+    res = run_ranks(__file__, tmp_path, timeout=180)
     single = dc.compute_scores(tiny_vit(), make_batches(4, 6), num_batches=4, criterion="taylor")
     assert res[0]["ranks"] == res[1]["ranks"] == dc.rank_components(single)
     for key in ("heads", "neurons"):
