@@ -18,9 +18,11 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 
-from models import load_state_strict
-from utils import (Progress, UserError, all_reduce_sum, append_jsonl, format_seconds, read_jsonl, save_atomic,
-                   write_jsonl)
+import flops
+import pruning
+from models import load, load_state_strict
+from utils import (Progress, UserError, all_reduce_sum, append_jsonl, format_seconds, markdown_table, read_jsonl,
+                   save_atomic, write_jsonl)
 
 logger = logging.getLogger("vitcompress")
 
@@ -391,6 +393,25 @@ def interleaved_throughput(models, device, batch_size, input_size, amp=False, ro
 # with the dense model's batch b, and a mismatch is an error rather than a silently wrong KL.
 # ----------------------------------------------------------------------------------------------
 
+def compare_models(files, rows, device, batch_size, input_size, amp=False):
+    """The pipeline's summary: the dense model file ``files[0]`` against the compressed ones
+    (``files[1:]``, one per prune+finetune result in ``rows``), images/s measured interleaved
+    in one run. Returns {"rows", "device", "throughput_batch", "markdown"}."""
+    speeds = interleaved_throughput([load(p, device=device)[0] for p in files], device, batch_size, input_size, amp)
+    table = [{"model": "dense", "gmacs": rows[0]["dense_gmacs"], "params": rows[0]["dense_params"],
+              "acc1": rows[0]["dense_acc1"], "acc1_before_finetune": None, "images_per_s": speeds[0],
+              "speedup": 1.0, "macs_ratio": 1.0, "file": files[0]}]
+    table += [{"model": f"-{100 * row['reduction']:.0f}% GMACs", "gmacs": row["gmacs"], "params": row["params"],
+               "acc1": row["acc1"], "acc1_before_finetune": row["acc1_before_finetune"], "images_per_s": speed,
+               "speedup": speed / speeds[0], "macs_ratio": row["dense_gmacs"] / row["gmacs"], "file": row["file"]}
+              for row, speed in zip(rows, speeds[1:])]
+    text = markdown_table(table, [("model", "{}"), ("GMACs", "gmacs", "{:.4g}"), ("params (M)", "params", "{:.3f}", 1e-6),
+                                  ("val top-1", "acc1", "{:.2f}"), ("top-1 before finetune", "acc1_before_finetune", "{:.2f}"),
+                                  ("images/s", "images_per_s", "{:.0f}"), ("speed-up", "speedup", "{:.2f}x"),
+                                  ("MACs ratio", "macs_ratio", "{:.2f}x")])
+    return {"rows": table, "device": str(device), "throughput_batch": batch_size, "markdown": text}
+
+
 SEARCH_OBJECTIVES = ("acc", "loss", "kl")
 
 
@@ -474,4 +495,27 @@ def objective_value(stats, objective):
             raise ValueError("the kl objective needs objective_stats(..., reference=reference_outputs(dense, ...))")
         return -stats["kl"]
     raise ValueError(f"unknown search objective {objective!r}; expected one of {SEARCH_OBJECTIVES}")
+
+
+def policy_scorer(dense, rankings, loader, device, objective="acc", round_to=8, fuse=False, rounding="exact",
+                  convention="exact", amp=False, extra=None):
+    """``evaluate(x) -> (score, record)`` for ``expected_improvement.run_search``: slice ``dense``
+    to the policy vector x (pruning.policy_vector's layout) keeping the components ``rankings``
+    rank highest, and score it on the fixed, unshuffled hold-out ``loader`` with ``objective``
+    (objective_value). The record holds the policy, its counted GMACs and parameters, the budget
+    GMACs under ``convention``, top-1, loss and KL, plus ``extra``. The dense model's outputs for
+    the KL are computed once, here."""
+    dims = pruning.model_dims(dense)
+    depth = dims["depth"]
+    reference = reference_outputs(dense, loader, device, amp)
+
+    def evaluate(x):
+        policy = pruning.policy_from_vector(x, depth)
+        model = pruning.slice_model(dense, policy, rankings, round_to, fuse, rounding)
+        counted, stats = flops.model_macs(model), objective_stats(model, loader, device, reference, amp)
+        return objective_value(stats, objective), dict({
+            "policy": policy, "gmacs": counted["macs"] / 1e9, "params": counted["params"], "acc1": stats["acc1"],
+            "budget_gmacs": float(flops.policy_gmacs(dims, x, round_to, convention)),
+            "loss": stats["loss"], "kl": stats["kl"]}, **(extra or {}))
+    return evaluate
 # ----------------------------------------------------------------------------------------------

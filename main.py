@@ -8,24 +8,37 @@
 Launch the same way with torchrun, ``python -m torch.distributed.launch --use_env`` or srun.
 """
 import argparse
+import importlib
 import json
 import logging
 import os
 import sys
 import time
 
-import numpy as np
-import torch
 
-import datasets
-import dependency_criterion as dc
-import engine
-import expected_improvement as ei
-import flops
-import models
-import pruning
-import utils
-from utils import UserError
+class Later:
+    """A module imported on first attribute access. ``python main.py --help`` and flag errors then
+    answer without loading torch, timm, torchvision and scikit-learn (0.3 s instead of several);
+    every mode touches them at once, so nothing else changes."""
+
+    def __init__(self, name):
+        self._name = name
+
+    def __getattr__(self, attr):
+        return getattr(importlib.import_module(self._name), attr)
+
+
+np, torch = Later("numpy"), Later("torch")
+datasets, dc, engine = Later("datasets"), Later("dependency_criterion"), Later("engine")
+ei, flops, models, pruning, utils = (Later(name) for name in ("expected_improvement", "flops", "models", "pruning", "utils"))
+
+# the choices of four flags, spelled out so that --help imports nothing heavy (tests/test_first_hour.py
+# checks that they equal the library's own tuples)
+CRITERIA = ("hsic", "magnitude", "random", "taylor")
+KERNELS = ("scaled", "original")
+SEARCH_OBJECTIVES = ("acc", "loss", "kl")
+CONVENTIONS = ("exact", "original")
+MAGNITUDES = ("activation", "contribution")
 
 logger = logging.getLogger("vitcompress")
 
@@ -157,7 +170,7 @@ def get_args_parser():
     g.add_argument("--max-steps", type=int, default=None, help="cap steps per epoch (smoke tests)")
 
     g = p.add_argument_group("dependency criterion (ranking heads and neurons)")
-    g.add_argument("--criterion", default="hsic", choices=list(dc.CRITERIA),
+    g.add_argument("--criterion", default="hsic", choices=CRITERIA,
                    help="how components are ranked (hsic: the paper's dependency criterion; taylor: first-order "
                         "|activation x gradient|; magnitude: weight norms; random)")
     g.add_argument("--criterion-batches", type=int, default=None,
@@ -165,9 +178,14 @@ def get_args_parser():
                         "batch holds max(--batch-size, 16) images")
     g.add_argument("--head-lambda", type=float, default=0.1, help="weight of head redundancy")
     g.add_argument("--neuron-alpha", type=float, default=0.1, help="weight of neuron relevance vs |activation|")
+    g.add_argument("--head-alpha", type=float, default=1.0,
+                   help="weight of head dependency vs the head's contribution size (1 = dependency only, the paper's)")
+    g.add_argument("--neuron-magnitude", default="activation", choices=MAGNITUDES,
+                   help="neuron size term: mean |activation| (the paper's) or contribution (|activation| x its fc2 "
+                        "column norm)")
     g.add_argument("--no-head-normalize", dest="head_normalize", action="store_false", default=True,
                    help="unnormalised head HSIC, as in the paper's formula (default: normalised; implied by --hsic-kernel original)")
-    g.add_argument("--hsic-kernel", default="scaled", choices=list(dc.KERNELS),
+    g.add_argument("--hsic-kernel", default="scaled", choices=KERNELS,
                    help="scaled (default: standardised features, distances scaled by feature length); original: "
                         "the original code's kernel and scores exactly (raw features, bandwidths 1-16, one "
                         "augmented batch in train mode, unnormalised heads)")
@@ -187,7 +205,7 @@ def get_args_parser():
     g.add_argument("--search-max-ratio", type=float, default=0.5, help="upper bound of every removal ratio")
     g.add_argument("--search-tol", type=float, default=0.02, help="relative FLOPs tolerance of a feasible policy")
     g.add_argument("--search-mode", default="ei", choices=["ei", "random"], help="ei, or the random-search baseline")
-    g.add_argument("--search-objective", default="acc", choices=list(engine.SEARCH_OBJECTIVES),
+    g.add_argument("--search-objective", default="acc", choices=SEARCH_OBJECTIVES,
                    help="what a candidate scores on the search split: top-1 (acc), -cross entropy (loss) or "
                         "-KL(dense || candidate) (kl)")
     g.add_argument("--search-pool", type=int, default=None,
@@ -197,7 +215,7 @@ def get_args_parser():
                         "in (0, 1) (0.2); default 20%% of the training set, at most 10000 images")
     g.add_argument("--search-on-val", action="store_true",
                    help="score candidates on the validation set (the paper's setting; biased)")
-    g.add_argument("--flops-convention", default="exact", choices=list(flops.CONVENTIONS),
+    g.add_argument("--flops-convention", default="exact", choices=CONVENTIONS,
                    help="what --search_flops / --search-reduction count: exact (every MAC; DeiT-S 4.60) or original "
                         "(the original code's block-only count with int() rounding; DeiT-S 4.54, so 1.84 = its 60%% fewer)")
     g.add_argument("--round-to", type=int, default=None,
@@ -249,7 +267,7 @@ def settle(args):
     cfg.data_set = "CIFAR100" if cfg.data_set == "CIFAR" else cfg.data_set
     recipe = RECIPES.get(cfg.data_set, RECIPES["IMAGE"])
     if cfg.output_dir and os.path.exists(cfg.output_dir) and not os.path.isdir(cfg.output_dir):
-        raise UserError(f"--output_dir {cfg.output_dir} is a file, not a folder")
+        raise utils.UserError(f"--output_dir {cfg.output_dir} is a file, not a folder")
     cfg.resume, ckpt = resume_path(cfg), None
     if cfg.resume:
         ckpt = utils.load_checkpoint_file(cfg.resume)
@@ -257,7 +275,7 @@ def settle(args):
         for key in ("model", "input_size"):
             if info[key] is not None and getattr(args, key) is not None and getattr(args, key) != info[key] \
                     and info["arch"] is not None:
-                raise UserError(f"{cfg.resume} holds a model with {key} {info[key]}, not {getattr(args, key)}; "
+                raise utils.UserError(f"{cfg.resume} holds a model with {key} {info[key]}, not {getattr(args, key)}; "
                                 f"leave out --{key.replace('_', '-')} to use the file's")
             if info[key] is not None and getattr(args, key) is None:
                 setattr(cfg, key, info[key])
@@ -292,36 +310,38 @@ def resume_path(cfg):
     if path and os.path.exists(path):
         return path
     if cfg.eval or cfg.search or cfg.prune_finetune or cfg.throughput:
-        raise UserError(f"--resume auto found no checkpoint ({path or 'no --output_dir given'}); "
+        raise utils.UserError(f"--resume auto found no checkpoint ({path or 'no --output_dir given'}); "
                         f"train first or pass --resume FILE")
     return ""
 
 
 def check_config(cfg):
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {cfg.device} asked for but CUDA is not available")
+        raise utils.UserError(f"--device {cfg.device} asked for but CUDA is not available")
     positive = ("batch_size", "epochs", "input_size", "criterion_batches", "search_population", "search_pool",
                 "round_to", "throughput_batch")
     for name in positive + ("search_epoch", "finetune_epochs"):
         value = getattr(cfg, name)
         if value is not None and value < (1 if name in positive else 0):
-            raise UserError(f"--{name.replace('_', '-')} must be {'positive' if name in positive else '>= 0'}, "
+            raise utils.UserError(f"--{name.replace('_', '-')} must be {'positive' if name in positive else '>= 0'}, "
                             f"got {value}")
     for name, low in (("search_max_ratio", 0), ("search_tol", 0), ("search_reduction", 0)):
         value = getattr(cfg, name)
         if value is not None and not low < value < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be in (0, 1), got {value}")
+            raise utils.UserError(f"--{name.replace('_', '-')} must be in (0, 1), got {value}")
+    if not 0 <= cfg.head_alpha <= 1:
+        raise utils.UserError(f"--head-alpha must be in [0, 1], got {cfg.head_alpha}")
     for name in ("head_sparsity", "neuron_sparsity", "token_sparsity"):
         value = getattr(cfg, name)
         if value is not None and not 0 <= value < 1:
-            raise UserError(f"--{name} must be in [0, 1), got {value}")
+            raise utils.UserError(f"--{name} must be in [0, 1), got {value}")
     trains = not (cfg.eval or cfg.search or cfg.throughput) or cfg.prune_finetune or cfg.pipeline
     if trains and (cfg.mixup > 0 or cfg.cutmix > 0) and cfg.batch_size % 2:
-        raise UserError(f"mixup/cutmix need an even --batch-size, got {cfg.batch_size} (or pass --mixup 0 --cutmix 0)")
+        raise utils.UserError(f"mixup/cutmix need an even --batch-size, got {cfg.batch_size} (or pass --mixup 0 --cutmix 0)")
     if cfg.search_flops is not None and cfg.search_reduction is not None:
-        raise UserError("give either --search_flops or --search-reduction, not both")
+        raise utils.UserError("give either --search_flops or --search-reduction, not both")
     if cfg.search_flops is not None and cfg.search_flops <= 0:
-        raise UserError(f"--search_flops must be positive GMACs, got {cfg.search_flops}")
+        raise utils.UserError(f"--search_flops must be positive GMACs, got {cfg.search_flops}")
 
 
 class Context:
@@ -426,7 +446,7 @@ def run_export(ctx):
     """ONNX file + verification in ONNX Runtime on real images of the run's data set when they fit."""
     cfg = ctx.cfg
     if not cfg.resume:
-        raise UserError("--export needs the model file to export: --resume FILE")
+        raise utils.UserError("--export needs the model file to export: --resume FILE")
     model, arch, _ = load_model(ctx, None)
     sample = None
     if cfg.data_path or cfg.data_set in ("DIGITS", "CLUTTERED_DIGITS"):
@@ -441,10 +461,10 @@ def run_export(ctx):
 
 def load_dense(ctx, num_classes):
     if not ctx.cfg.resume:
-        raise UserError("search and prune+finetune compress a trained model: pass --resume CHECKPOINT")
+        raise utils.UserError("search and prune+finetune compress a trained model: pass --resume CHECKPOINT")
     model, arch, _ = load_model(ctx, num_classes)
     if arch.get("prune_spec"):
-        raise UserError(f"{ctx.cfg.resume} is already compressed; pass the dense checkpoint to --resume")
+        raise utils.UserError(f"{ctx.cfg.resume} is already compressed; pass the dense checkpoint to --resume")
     return model.to(ctx.device).eval(), arch
 
 
@@ -453,7 +473,11 @@ def criterion_settings(cfg):
         return dict(dc.original_criterion_kwargs(), num_batches=cfg.criterion_batches, seed=cfg.seed)
     kw = dict(criterion=cfg.criterion, num_batches=cfg.criterion_batches, head_lambda=cfg.head_lambda,
               neuron_alpha=cfg.neuron_alpha, seed=cfg.seed, head_normalize=cfg.head_normalize)
-    return dict(kw, bandwidth=cfg.hsic_bandwidth) if cfg.hsic_bandwidth else kw
+    # named only when set, so the run identity of searches made before these options is unchanged
+    kw.update({k: v for k, v, default in (("head_alpha", cfg.head_alpha, 1.0), ("magnitude", cfg.neuron_magnitude,
+                                                                               "activation"),
+                                          ("bandwidth", cfg.hsic_bandwidth, None)) if v != default})
+    return kw
 
 
 def rank_dense(ctx, dense, train_plain):
@@ -479,7 +503,7 @@ def rounding(cfg):
 def search_space(cfg, dims, dense_gmacs):
     """The feasible policies of the budget: --search_flops GMACs or --search-reduction of the dense."""
     if cfg.search_flops is None and cfg.search_reduction is None:
-        raise UserError(f"--search needs a budget: --search_flops GMACS (the dense model has {dense_gmacs:.3f}) "
+        raise utils.UserError(f"--search needs a budget: --search_flops GMACS (the dense model has {dense_gmacs:.3f}) "
                         f"or --search-reduction FRACTION")
     target = cfg.search_flops if cfg.search_flops is not None else dense_gmacs * (1 - cfg.search_reduction)
     active = np.repeat(active_dims(cfg), [dims["depth"], dims["depth"], 1])
@@ -524,16 +548,8 @@ def run_search(ctx):
                 f" {total} evaluations on {split_desc}" + (f"; resuming after {len(history)}" if history else ""))
     t_start, done = time.time(), [0]
 
-    reference = engine.reference_outputs(dense, loader, ctx.device, ctx.amp)  # the dense model's, for kl
-
-    def evaluate(x):
-        policy = pruning.policy_from_vector(x, dims["depth"])
-        model = pruning.slice_model(dense, policy, rankings, cfg.round_to, cfg.fuse, rounding(cfg))
-        counted, stats = flops.model_macs(model), engine.objective_stats(model, loader, ctx.device, reference, ctx.amp)
-        return engine.objective_value(stats, cfg.search_objective), {
-            "policy": policy, "gmacs": counted["macs"] / 1e9, "params": counted["params"], "acc1": stats["acc1"],
-            "budget_gmacs": float(flops.policy_gmacs(dims, x, cfg.round_to, cfg.flops_convention)),
-            "loss": stats["loss"], "kl": stats["kl"], "search": header}
+    evaluate = engine.policy_scorer(dense, rankings, loader, ctx.device, cfg.search_objective, cfg.round_to, cfg.fuse,
+                                    rounding(cfg), cfg.flops_convention, ctx.amp, extra={"search": header})
 
     def on_record(rec):
         if log_path:
@@ -587,12 +603,12 @@ def resolve_policy(ctx, depth):
     elif cfg.policy:  # a published policy by name (or a one-line error listing the names)
         policy, source = pruning.load_policy(cfg.policy)
     else:
-        raise UserError(f"no pruning policy{f' ({path} does not exist)' if path else ''}: run --search first, pass "
+        raise utils.UserError(f"no pruning policy{f' ({path} does not exist)' if path else ''}: run --search first, pass "
                         f"--policy FILE, or give --head_sparsity/--neuron_sparsity/--token_sparsity")
     try:
         pruning.validate_policy(policy, depth)
     except pruning.SpecError as e:
-        raise UserError(f"policy from {source}: {e}") from e
+        raise utils.UserError(f"policy from {source}: {e}") from e
     on = active_dims(cfg)
     policy = {"head": [float(v) * on[0] for v in policy["head"]], "neuron": [float(v) * on[1] for v in policy["neuron"]],
               "token": float(policy["token"]) * on[2]}
@@ -657,13 +673,13 @@ def run_pipeline(ctx):
     Rerunning the same command re-does no finished step (each decision taken on rank 0)."""
     cfg = ctx.cfg
     if not ctx.out:
-        raise UserError("--pipeline needs --output_dir")
+        raise utils.UserError("--pipeline needs --output_dir")
     try:
         reductions = [float(r) for r in str(cfg.pipeline_reductions).split(",") if r.strip()]
     except ValueError:
         reductions = []
     if not reductions or not all(0 < r < 1 for r in reductions):
-        raise UserError(f"--pipeline-reductions must be comma-separated fractions in (0, 1), got {cfg.pipeline_reductions}")
+        raise utils.UserError(f"--pipeline-reductions must be comma-separated fractions in (0, 1), got {cfg.pipeline_reductions}")
     t0, dense_dir = time.time(), os.path.join(ctx.out, "dense")
     dense_ckpt = os.path.join(dense_dir, "checkpoint.pth")
     logger.info(f"pipeline 1/3: pretraining {cfg.model} into {dense_dir}")
@@ -690,27 +706,13 @@ def run_pipeline(ctx):
         rows.append(dict(res, reduction=r, search_val_acc1=found.get("val_acc1_before_finetune")))
     if ctx.rank != 0:
         return rows
-    files = [dense_ckpt] + [row["file"] for row in rows]
-    loaded = [models.load(p, device=ctx.device)[0] for p in files]
-    speeds = engine.interleaved_throughput(loaded, ctx.device, cfg.throughput_batch, cfg.input_size, ctx.amp)
-    table = [{"model": "dense", "gmacs": rows[0]["dense_gmacs"], "params": rows[0]["dense_params"],
-              "acc1": rows[0]["dense_acc1"], "acc1_before_finetune": None, "images_per_s": speeds[0],
-              "speedup": 1.0, "macs_ratio": 1.0, "file": dense_ckpt}]
-    table += [{"model": f"-{100 * row['reduction']:.0f}% GMACs", "gmacs": row["gmacs"], "params": row["params"],
-               "acc1": row["acc1"], "acc1_before_finetune": row["acc1_before_finetune"], "images_per_s": speed,
-               "speedup": speed / speeds[0], "macs_ratio": row["dense_gmacs"] / row["gmacs"], "file": row["file"]}
-              for row, speed in zip(rows, speeds[1:])]
-    summary = {"rows": table, "seconds": round(time.time() - t0, 1), "device": str(ctx.device),
-               "throughput_batch": cfg.throughput_batch}
+    summary = engine.compare_models([dense_ckpt] + [row["file"] for row in rows], rows, ctx.device, cfg.throughput_batch,
+                                    cfg.input_size, ctx.amp)
+    summary["seconds"] = round(time.time() - t0, 1)
     utils.write_json_atomic(os.path.join(ctx.out, "summary.json"), summary)
-    text = utils.markdown_table(table, [("model", "{}"), ("GMACs", "gmacs", "{:.4g}"), ("params (M)", "params", "{:.3f}", 1e-6),
-                                        ("val top-1", "acc1", "{:.2f}"),
-                                        ("top-1 before finetune", "acc1_before_finetune", "{:.2f}"),
-                                        ("images/s", "images_per_s", "{:.0f}"), ("speed-up", "speedup", "{:.2f}x"),
-                                        ("MACs ratio", "macs_ratio", "{:.2f}x")])
     with open(os.path.join(ctx.out, "summary.md"), "w") as f:
-        f.write(text + "\n")
-    print(text)
+        f.write(summary["markdown"] + "\n")
+    print(summary["markdown"])
     logger.info(f"pipeline finished in {utils.format_seconds(summary['seconds'])}; summary in {ctx.out}/summary.md")
     return summary
 
@@ -740,7 +742,7 @@ def cli(argv=None):
     args = argparse.ArgumentParser("main.py", parents=[get_args_parser()]).parse_args(argv)
     try:
         main(args)
-    except (UserError, pruning.SpecError, ei.InfeasibleTarget) as e:
+    except (utils.UserError, pruning.SpecError, ei.InfeasibleTarget) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except engine.NonFiniteLoss as e:

@@ -218,6 +218,7 @@ def test_model_and_recipe_flags_are_one_line_errors(tmp_path, folder):
         one_line_error(code, err, pattern)
 
 
+@pytest.mark.slow
 def test_batch_size_one_search_and_prune_without_finetuning(pico_dense, tmp_path):
     code, _, err = run_cli(["--model", "vit_pico_patch8_32", "--batch-size", "1", "--log-every", "100000",
                             "--eval", "--search", "--resume", pico_dense, "--search-reduction", "0.3",
@@ -240,6 +241,24 @@ def test_flops_cli_one_line_errors(tmp_path, capsys):
         assert flops.main(argv) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and pattern in err and len(err.splitlines()) == 1, err
+
+
+def test_help_and_flag_errors_load_no_heavy_library():
+    """--help and a bad flag answer before torch, timm and scikit-learn are imported, and the
+    choices main.py spells out for that are the library's own."""
+    import dependency_criterion as dc
+    import engine
+    import main
+    assert (main.CRITERIA, main.KERNELS) == (tuple(dc.CRITERIA), tuple(dc.KERNELS))
+    assert (main.SEARCH_OBJECTIVES, main.CONVENTIONS) == (tuple(engine.SEARCH_OBJECTIVES), tuple(flops.CONVENTIONS))
+    assert main.MAGNITUDES == tuple(dc.MAGNITUDES)
+    code = ("import sys, main\nfor argv in (['--help'], ['--criterion', 'nope']):\n    try:\n        main.cli(argv)\n"
+            "    except SystemExit as e:\n        print('exit', e.code)\n"
+            "print('loaded', sorted(m for m in ('torch', 'timm', 'sklearn', 'torchvision') if m in sys.modules))")
+    res = run_subprocess([PY, "-c", code])
+    assert res.returncode == 0, res.stderr
+    assert "--search-objective {acc,loss,kl}" in res.stdout and "invalid choice: 'nope'" in res.stderr
+    assert res.stdout.strip().splitlines()[-3:] == ["exit 0", "exit 2", "loaded []"], res.stdout[-300:]
 
 
 # ----------------------------------------------------------------------------- teachers

@@ -129,6 +129,7 @@ def test_policy_gmacs_rejects_bad_input():
         flops.policy_gmacs(dims, bad)
 
 
+@pytest.mark.slow
 def test_cli_json():
     out = subprocess.run([sys.executable, os.path.join(ROOT, "flops.py"), "--model", "deit_tiny_patch16_224",
                           "--json"], capture_output=True, text=True, cwd=ROOT, timeout=120)

@@ -365,6 +365,7 @@ def test_load_policy_file(tmp_path):
         pruning.load_policy(str(tmp_path / "missing.json"))
 
 
+@pytest.mark.slow
 def test_flops_cli_shows_both_conventions():
     cmd = [sys.executable, os.path.join(ROOT, "flops.py"), "--model", "deit_small_patch16_224",
            "--flops-convention", "original", "--json"]

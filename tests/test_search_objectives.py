@@ -136,6 +136,7 @@ def _dist_worker(rank, world, port, out_dir):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_distributed_sums_equal_single_process(tmp_path):
     res = run_ranks(__file__, tmp_path, timeout=180)
     loader = _sharded(0, 1)

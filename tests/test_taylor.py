@@ -3,6 +3,7 @@ turn, scale its output by (1 +- eps) and difference each image's float64 loss.""
 import os
 import sys
 
+import pytest
 import torch
 import torch.nn.functional as F
 from timm.models.deit import VisionTransformerDistilled
@@ -189,6 +190,7 @@ def _dist_worker(rank, world, port, out_dir):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_distributed_ranks_agree_with_single_process(tmp_path):
     res = run_ranks(__file__, tmp_path, timeout=180)
     single = dc.compute_scores(tiny_vit(), make_batches(4, 6), num_batches=4, criterion="taylor")
