@@ -77,6 +77,7 @@ MULTI_SIGMAS = (1.0, 2.0, 4.0, 8.0, 16.0)
 CRITERIA = ("hsic", "magnitude", "random", "taylor")
 BANDWIDTHS = ("multi", "median")
 KERNELS = ("scaled", "original")
+MAGNITUDES = ("activation", "contribution")
 DEFAULT_BANDWIDTH = "median"
 DEFAULT_KERNEL = "scaled"
 DEFAULT_HEAD_LAMBDA = 0.1
@@ -252,6 +253,17 @@ def _head_features(x, num_heads):
     return x.reshape(B, N, num_heads, -1).mean(dim=-1).permute(2, 0, 1)
 
 
+def _head_contribution(x, proj_weight, num_heads):
+    """Sum over images and tokens of the L2 norm of each head's contribution to the residual
+    stream: x [B, N, H*hd] (input of attn.proj), proj_weight [D, H*hd] -> [H] float64. Head h adds
+    x_h W_h^T (its hd columns of proj; the bias is shared by all heads and left out)."""
+    B, N, _ = x.shape
+    xh = x.reshape(B, N, num_heads, -1)
+    W = proj_weight.detach().to(x.dtype).reshape(proj_weight.shape[0], num_heads, -1)
+    return torch.stack([torch.linalg.vector_norm(xh[:, :, h] @ W[:, h].t(), dim=-1).sum(dtype=torch.float64)
+                        for h in range(num_heads)])
+
+
 def _magnitude_scores(parts):
     """Weight-magnitude baseline.
 
@@ -348,7 +360,7 @@ class _Capture:
 
     def __init__(self, parts, bandwidth, neuron_chunk, kernel=DEFAULT_KERNEL):
         self.bandwidth, self.neuron_chunk, self.kernel = bandwidth, neuron_chunk, kernel
-        self.heads = [None] * len(parts)    # (Kh [H, n, n], R [H, H])
+        self.heads = [None] * len(parts)    # (Kh [H, n, n], R [H, H], sum ||contribution|| [H], tokens)
         self.neurons = [None] * len(parts)  # (Ku [M, n(n-1)/2], sum|a| [M], count)
         self._handles = []
         for i, (attn, mlp) in enumerate(parts):
@@ -363,7 +375,8 @@ class _Capture:
             if x.shape[0] < 2:
                 return
             Kh = gaussian_kernel(_head_features(x, attn.num_heads), self.bandwidth, self.kernel)
-            self.heads[i] = (Kh, hsic_pairwise(Kh, self.kernel))
+            self.heads[i] = (Kh, hsic_pairwise(Kh, self.kernel), _head_contribution(x, module.weight, attn.num_heads),
+                             x.shape[0] * x.shape[1])
         return hook
 
     def _neuron_hook(self, i):
@@ -431,6 +444,8 @@ def _hsic_statistics(model, parts, loader, num_batches, bandwidth, neuron_chunk,
     acc = {k: [torch.zeros(h, **f64) for h in n_heads] for k in _STAT_KEYS[:3]}
     acc.update({k: [torch.zeros(m, **f64) for m in n_neurons] for k in _STAT_KEYS[3:]})
     abs_count = torch.zeros(nb, **f64)
+    head_out = [torch.zeros(h, **f64) for h in n_heads]
+    out_count = torch.zeros(nb, **f64)
     batch_count = torch.zeros(1, **f64)
 
     cap = _Capture(parts, bandwidth, neuron_chunk, kernel)
@@ -448,7 +463,10 @@ def _hsic_statistics(model, parts, loader, num_batches, bandwidth, neuron_chunk,
             norm = _hsic_norm(P.shape[0], kernel)
             for i in range(nb):
                 if cap.heads[i] is not None:
-                    rh, dh, sh = _head_stats(*cap.heads[i], Lc, kernel)
+                    Kh, R, contribution, tokens = cap.heads[i]
+                    rh, dh, sh = _head_stats(Kh, R, Lc, kernel)
+                    head_out[i] += contribution
+                    out_count[i] += tokens
                     acc["head_rel"][i] += rh
                     acc["head_red"][i] += dh
                     acc["head_self"][i] += sh
@@ -463,10 +481,10 @@ def _hsic_statistics(model, parts, loader, num_batches, bandwidth, neuron_chunk,
         cap.close()
 
     # One flat vector so a single all_reduce combines every SUM and count across ranks.
-    flat = torch.cat([t for k in _STAT_KEYS for t in acc[k]] + [abs_count, batch_count])
+    flat = torch.cat([t for k in _STAT_KEYS for t in acc[k]] + head_out + [out_count, abs_count, batch_count])
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    sizes = n_heads * 3 + n_neurons * 2 + [nb, 1]
+    sizes = n_heads * 3 + n_neurons * 2 + n_heads + [nb, nb, 1]
     pieces = list(torch.split(flat, sizes))
     nbat = float(pieces[-1].item())
     if nbat == 0:
@@ -478,6 +496,10 @@ def _hsic_statistics(model, parts, loader, num_batches, bandwidth, neuron_chunk,
     stats["neuron_abs"] = [(s / abs_count[i].clamp_min(1.0).cpu()) for i, s in enumerate(stats["neuron_abs"])]
     for k in _STAT_KEYS[:4]:
         stats[k] = [s / nbat for s in stats[k]]
+    out_count = pieces[-3].cpu()
+    stats["head_out"] = [p.cpu() / out_count[i].clamp_min(1.0) for i, p in enumerate(pieces[5 * nb:6 * nb])]
+    stats["neuron_wout"] = [(m.fc2.weight.detach().double().norm(dim=0).cpu() if m is not None
+                             else torch.zeros(0, dtype=torch.float64)) for _, m in parts]
     stats["batches"] = int(nbat)
     return stats
 
@@ -509,26 +531,42 @@ def hsic_statistics(model, loader, num_batches=1, bandwidth=DEFAULT_BANDWIDTH, n
             m.training = was_training
 
 
-def scores_from_statistics(stats, head_lambda=0.1, neuron_alpha=0.1, head_normalize=False):
+def scores_from_statistics(stats, head_lambda=0.1, neuron_alpha=0.1, head_normalize=False, head_alpha=1.0,
+                           magnitude="activation"):
     """Head and neuron scores (see the module docstring) from hsic_statistics.
 
     head_normalize=True uses normalised HSIC for heads: relevance / sqrt(HSIC(K_h, K_h)) and
     redundancy / sqrt(HSIC(K_h, K_h)) (HSIC(L, L) is common to all heads and dropped), so a head
     whose kernel merely varies more does not look more relevant and more redundant at once.
+
+    magnitude: the size term that the neuron score mixes with dependency (weight 1 - neuron_alpha):
+    "activation" (the paper's: mean |activation|) or "contribution" (mean |activation| times
+    ||fc2.weight[:, j]||, the mean norm of what neuron j adds to the residual stream).
+    head_alpha < 1 gives heads the same form: head_alpha * minmax(dependency) + (1 - head_alpha) *
+    minmax(mean ||x_h W_h^T||), the mean norm of head h's contribution through its columns of
+    attn.proj; head_alpha=1 (default) is the dependency alone.
     """
+    if magnitude not in MAGNITUDES:
+        raise ValueError(f"unknown magnitude {magnitude!r}; expected one of {MAGNITUDES}")
+    if not 0.0 <= head_alpha <= 1.0:
+        raise ValueError(f"head_alpha must be in [0, 1], got {head_alpha}")
     heads, neurons = [], []
-    for rel, red, self_, nrel, nabs in zip(*(stats[k] for k in _STAT_KEYS)):
+    for b, (rel, red, self_, nrel, nabs) in enumerate(zip(*(stats[k] for k in _STAT_KEYS))):
         if head_normalize:
             s = self_.clamp_min(_EPS).sqrt()
             rel, red = rel / s, red / s
-        heads.append(rel - head_lambda * red)
-        neurons.append(neuron_alpha * _minmax(nrel) + (1.0 - neuron_alpha) * _minmax(nabs))
+        dep = rel - head_lambda * red
+        heads.append(dep if head_alpha >= 1.0 else
+                     head_alpha * _minmax(dep) + (1.0 - head_alpha) * _minmax(stats["head_out"][b]))
+        size = nabs * stats["neuron_wout"][b] if magnitude == "contribution" else nabs
+        neurons.append(neuron_alpha * _minmax(nrel) + (1.0 - neuron_alpha) * _minmax(size))
     return {"heads": heads, "neurons": neurons}
 
 
 def compute_scores(model, loader, num_batches=1, criterion="hsic", head_lambda=DEFAULT_HEAD_LAMBDA,
                    neuron_alpha=DEFAULT_NEURON_ALPHA, bandwidth=DEFAULT_BANDWIDTH, neuron_chunk=512, device=None,
-                   seed=0, head_normalize=None, kernel=DEFAULT_KERNEL, train_mode=False):
+                   seed=0, head_normalize=None, kernel=DEFAULT_KERNEL, train_mode=False, head_alpha=1.0,
+                   magnitude="activation"):
     """Importance of every head and MLP neuron: {"heads": [...], "neurons": [...]}, one 1-D float64
     CPU tensor per entry of model.blocks (empty where a block has no Attention / Mlp); higher means
     more important.
@@ -540,7 +578,8 @@ def compute_scores(model, loader, num_batches=1, criterion="hsic", head_lambda=D
         (normalised HSIC; see scores_from_statistics); None means the kernel's own choice: True
         for kernel="scaled" (DEFAULT_HEAD_NORMALIZE), False for kernel="original" (the original's
         formula). kernel and train_mode: see hsic_statistics. Equivalent to
-        scores_from_statistics(hsic_statistics(...), head_lambda, neuron_alpha, head_normalize).
+        scores_from_statistics(hsic_statistics(...), head_lambda, neuron_alpha, head_normalize,
+        head_alpha, magnitude).
         The original's criterion in full is compute_scores(model, loader, **original_criterion_kwargs())
         with loader yielding augmented training batches.
     criterion="taylor": first-order Taylor importance from the same batches (see taylor_scores);
@@ -563,7 +602,8 @@ def compute_scores(model, loader, num_batches=1, criterion="hsic", head_lambda=D
     if head_normalize is None:
         head_normalize = DEFAULT_HEAD_NORMALIZE if kernel == "scaled" else False
     stats = hsic_statistics(model, loader, num_batches, bandwidth, neuron_chunk, device, kernel, train_mode)
-    return scores_from_statistics(stats, float(head_lambda), float(neuron_alpha), bool(head_normalize))
+    return scores_from_statistics(stats, float(head_lambda), float(neuron_alpha), bool(head_normalize),
+                                  float(head_alpha), magnitude)
 
 
 def original_criterion_kwargs():

@@ -361,11 +361,13 @@ def _dist_worker(rank, world, port, out_dir):
         model = tiny_vit()
         shard = make_batches(4, 6)[rank::world]
         s = dc.compute_scores(model, shard, num_batches=len(shard))
-        torch.save({"scores": s, "ranks": dc.rank_components(s)}, os.path.join(out_dir, f"rank{rank}.pt"))
+        sized = dc.compute_scores(model, shard, num_batches=len(shard), head_alpha=0.5, magnitude="contribution")
+        torch.save({"scores": s, "ranks": dc.rank_components(s), "sized": sized}, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_distributed_ranks_agree_with_single_process(tmp_path):
     # this file's __main__ (below) is each rank
     res = run_ranks(__file__, tmp_path, timeout=120)
@@ -374,10 +376,12 @@ def test_distributed_ranks_agree_with_single_process(tmp_path):
     batches = make_batches(4, 6)
     single = dc.compute_scores(model, batches, num_batches=4)
     assert res[0]["ranks"] == res[1]["ranks"] == dc.rank_components(single)
-    for key in ("heads", "neurons"):
-        for a, b, c in zip(res[0]["scores"][key], res[1]["scores"][key], single[key]):
-            assert torch.equal(a, b)
-            torch.testing.assert_close(a, c, rtol=1e-9, atol=1e-12)
+    sized = dc.compute_scores(model, batches, num_batches=4, head_alpha=0.5, magnitude="contribution")
+    for name, ref in (("scores", single), ("sized", sized)):  # the contribution sums are all-reduced too
+        for key in ("heads", "neurons"):
+            for a, b, c in zip(res[0][name][key], res[1][name][key], ref[key]):
+                assert torch.equal(a, b)
+                torch.testing.assert_close(a, c, rtol=1e-9, atol=1e-12)
 
 
 if __name__ == "__main__":  # a rank of test_distributed_ranks_agree_with_single_process
