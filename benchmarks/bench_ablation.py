@@ -90,6 +90,11 @@ def get_parser():
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--only", default=",".join(VARIANTS), help=f"variants to run, in this order: {','.join(VARIANTS)}")
     p.add_argument("--table", action="store_true", help="only print the table of OUT/ablation.jsonl")
+    p.add_argument("--objective-study", type=int, default=0, metavar="N",
+                   help="instead of the ablation: N random feasible policies at the first budget (seed 0 hold-out "
+                        "and HSIC rankings), each scored by acc, loss and kl, finetuned --study-epochs, and "
+                        "the rank correlation of each score with val top-1 (OUT/objective_study.jsonl)")
+    p.add_argument("--study-epochs", type=int, default=1, help="finetuning epochs per policy of --objective-study")
     g = p.add_argument_group("dense model (main.py's CLUTTERED_DIGITS recipe)")
     g.add_argument("--dense-epochs", type=int, default=30)
     g.add_argument("--dense-lr", type=float, default=1e-2, help="base lr, scaled by batch / 512")
@@ -447,6 +452,61 @@ class Bench:
         return row
 
 
+    def objective_unit(self, i, x, rankings):
+        """One policy of the objective study: its three search scores, val top-1 before and after a
+        short finetune (the ablation's recipe, --study-epochs)."""
+        a = self.a
+        loader, ref, _ = self.holdout(0)
+        model = pruning.slice_model(self.dense, pruning.policy_from_vector(x, self.depth), rankings, a.round_to)
+        stats = engine.objective_stats(model, loader, self.cpu, ref)
+        before = engine.evaluate(self.val, model, self.cpu)["acc1"]
+        cfg = dataclasses.replace(self.cfg, seed=0)
+        train = datasets.build_loaders(cfg, distributed=False, val=False)["train"]
+        rec = recipe(a, a.study_epochs, a.finetune_lr, 0, "soft")
+        engine.fit(model, train, self.monitor, rec, self.cpu, NUM_CLASSES, teacher=self.dense, tag=f"  policy {i}")
+        after = engine.evaluate(self.val, model, self.cpu)["acc1"]
+        return {"i": i, "vector": [float(v) for v in x], "gmacs": flops.model_macs(model)["macs"] / 1e9,
+                "acc": stats["acc1"], "loss": stats["loss"], "kl": stats["kl"], "val_before": before, "val_after": after,
+                "study_epochs": a.study_epochs, "dense": os.path.abspath(self.dense_file)}
+
+
+def objective_study(a, bench):
+    """Which search score predicts the finetuned model best (issue 11): Spearman rho over the policies."""
+    from scipy.stats import spearmanr
+    path = os.path.join(a.out, "objective_study.jsonl")
+    rows = utils.read_jsonl(path)
+    budget = floats(a.budgets)[0]
+    target = bench.dense_gmacs * (1 - budget)
+    sampler = ei.FeasibleSampler(bench.gmacs, target, dim=2 * bench.depth + 1, upper=a.max_ratio, tol=a.tol)
+    X = sampler.sample(a.objective_study, np.random.default_rng(0))
+    rankings, _ = bench.rankings("hsic", 0)
+    t0 = time.time()
+    todo = [i for i in range(len(X)) if i not in {r["i"] for r in rows}]
+    for n, i in enumerate(todo):
+        row = bench.objective_unit(i, X[i], rankings)
+        utils.append_jsonl(path, row)
+        rows.append(row)
+        eta = (time.time() - t0) / (n + 1) * (len(todo) - n - 1)
+        logger.info(f"objective study [{n + 1}/{len(todo)}] policy {i}: acc {row['acc']:.2f} loss {row['loss']:.4f} "
+                    f"kl {row['kl']:.4f}; val {row['val_before']:.2f} -> {row['val_after']:.2f} (eta {utils.format_seconds(eta)})")
+    rows = sorted(rows, key=lambda r: r["i"])
+    lines = [f"Search scores of {len(rows)} random feasible policies at {100 * budget:g}% fewer GMACs (HSIC rankings, "
+             f"seed-0 hold-out of {a.holdout} training images) against val top-1 ({len(bench.val.dataset)} images) "
+             f"before and after a {a.study_epochs}-epoch finetune: Spearman rho (higher = predicts better).", "",
+             "| search score | rho with val before finetune | rho with val after finetune |", "|---|---|---|"]
+    for name, sign in (("acc", 1), ("loss", -1), ("kl", -1)):
+        score = [sign * r[name] for r in rows]
+        rb = spearmanr(score, [r["val_before"] for r in rows]).correlation
+        ra = spearmanr(score, [r["val_after"] for r in rows]).correlation
+        lines.append(f"| {name}{' (negated)' if sign < 0 else ''} | {rb:.2f} | {ra:.2f} |")
+    rb = spearmanr([r["val_before"] for r in rows], [r["val_after"] for r in rows]).correlation
+    lines.append(f"| (val before finetune itself) | 1.00 | {rb:.2f} |")
+    text = "\n".join(lines)
+    with open(os.path.join(a.out, "objective_study.md"), "w") as f:
+        f.write(text + "\n")
+    print(text, flush=True)
+
+
 # ----------------------------------------------------------------------------- the table
 
 def table(rows):
@@ -520,6 +580,9 @@ def main(argv=None):
     cpu = torch.device("cpu")
     dense, dense_file = dense_model(a, cpu)
     bench = Bench(a, dense, dense_file, cpu)
+    if a.objective_study:
+        objective_study(a, bench)
+        return
     out_path = os.path.join(a.out, "ablation.jsonl")
     rows = utils.read_jsonl(out_path)
     utils.write_jsonl(out_path, rows)  # without a torn last line
