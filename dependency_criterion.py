@@ -77,7 +77,7 @@ MULTI_SIGMAS = (1.0, 2.0, 4.0, 8.0, 16.0)
 CRITERIA = ("hsic", "magnitude", "random", "taylor")
 BANDWIDTHS = ("multi", "median")
 KERNELS = ("scaled", "original")
-MAGNITUDES = ("activation", "contribution")
+MAGNITUDES = ("activation", "contribution", "taylor")
 DEFAULT_BANDWIDTH = "median"
 DEFAULT_KERNEL = "scaled"
 DEFAULT_HEAD_LAMBDA = 0.1
@@ -540,11 +540,14 @@ def scores_from_statistics(stats, head_lambda=0.1, neuron_alpha=0.1, head_normal
     whose kernel merely varies more does not look more relevant and more redundant at once.
 
     magnitude: the size term that the neuron score mixes with dependency (weight 1 - neuron_alpha):
-    "activation" (the paper's: mean |activation|) or "contribution" (mean |activation| times
-    ||fc2.weight[:, j]||, the mean norm of what neuron j adds to the residual stream).
+    "activation" (the paper's: mean |activation|), "contribution" (mean |activation| times
+    ||fc2.weight[:, j]||, the mean norm of what neuron j adds to the residual stream) or "taylor"
+    (first-order Taylor importance, taylor_scores; then ``stats`` must hold "taylor_heads" and
+    "taylor_neurons", which compute_scores adds).
     head_alpha < 1 gives heads the same form: head_alpha * minmax(dependency) + (1 - head_alpha) *
-    minmax(mean ||x_h W_h^T||), the mean norm of head h's contribution through its columns of
-    attn.proj; head_alpha=1 (default) is the dependency alone.
+    minmax(size), the size being the mean norm of head h's contribution through its columns of
+    attn.proj, mean ||x_h W_h^T|| (or its Taylor importance with magnitude="taylor");
+    head_alpha=1 (default) is the dependency alone.
     """
     if magnitude not in MAGNITUDES:
         raise ValueError(f"unknown magnitude {magnitude!r}; expected one of {MAGNITUDES}")
@@ -556,9 +559,11 @@ def scores_from_statistics(stats, head_lambda=0.1, neuron_alpha=0.1, head_normal
             s = self_.clamp_min(_EPS).sqrt()
             rel, red = rel / s, red / s
         dep = rel - head_lambda * red
+        head_size = stats["taylor_heads"][b] if magnitude == "taylor" else stats["head_out"][b]
         heads.append(dep if head_alpha >= 1.0 else
-                     head_alpha * _minmax(dep) + (1.0 - head_alpha) * _minmax(stats["head_out"][b]))
-        size = nabs * stats["neuron_wout"][b] if magnitude == "contribution" else nabs
+                     head_alpha * _minmax(dep) + (1.0 - head_alpha) * _minmax(head_size))
+        size = {"activation": nabs, "contribution": nabs * stats["neuron_wout"][b],
+                "taylor": stats["taylor_neurons"][b] if magnitude == "taylor" else None}[magnitude]
         neurons.append(neuron_alpha * _minmax(nrel) + (1.0 - neuron_alpha) * _minmax(size))
     return {"heads": heads, "neurons": neurons}
 
@@ -602,6 +607,9 @@ def compute_scores(model, loader, num_batches=1, criterion="hsic", head_lambda=D
     if head_normalize is None:
         head_normalize = DEFAULT_HEAD_NORMALIZE if kernel == "scaled" else False
     stats = hsic_statistics(model, loader, num_batches, bandwidth, neuron_chunk, device, kernel, train_mode)
+    if magnitude == "taylor":
+        taylor = taylor_scores(model, loader, num_batches, device)
+        stats = dict(stats, taylor_heads=taylor["heads"], taylor_neurons=taylor["neurons"])
     return scores_from_statistics(stats, float(head_lambda), float(neuron_alpha), bool(head_normalize),
                                   float(head_alpha), magnitude)
 

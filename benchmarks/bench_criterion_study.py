@@ -15,13 +15,17 @@ fewer (half the heads + neurons). Each ranking is computed on --calib-sets calib
 images outside a fixed tune split (--tune-size images). Reported: val top-1 (mean +- sd over the
 calibration sets) and top-1 on the tune split (the column that choices are made on), and each
 ranking's stability: the mean Spearman correlation of its scores between calibration sets (per
-block, averaged over blocks), for heads and for neurons.
+block, averaged over blocks), for heads and for neurons. And each ranking's agreement with an oracle
+for heads: the increase of the tune split's cross-entropy when that one head alone is removed
+(leave-one-out, computed once, OUT/oracle.json); the mean Spearman rho between a ranking's head
+scores and that increase, per block, averaged over blocks and calibration sets.
 
 Resumable: one JSON line per (ranking, calibration set) in OUT/study.jsonl; finished lines are
 skipped. The Markdown tables go to stdout and OUT/study.md.
 """
 import argparse
 import itertools
+import json
 import os
 import statistics
 import sys
@@ -52,6 +56,10 @@ RANKINGS = {
     "hsic_contrib": {"magnitude": "contribution"},
     "hsic_contrib_heads05": {"magnitude": "contribution", "head_alpha": 0.5},
     "hsic_contrib_heads01": {"magnitude": "contribution", "head_alpha": 0.1},
+    "hsic_taylor01": {"magnitude": "taylor", "head_alpha": 0.1},
+    "hsic_taylor03": {"magnitude": "taylor", "head_alpha": 0.3, "neuron_alpha": 0.3},
+    # the size terms alone (no dependency at all): what the dependency adds on top of them
+    "contribution_only": {"magnitude": "contribution", "head_alpha": 0.0, "neuron_alpha": 0.0},
     "magnitude": {"criterion": "magnitude"},
     "taylor": {"criterion": "taylor"},
     "random": {"criterion": "random"},
@@ -130,7 +138,40 @@ def stability(score_sets, key):
     return statistics.mean(rhos) if rhos else None
 
 
-def write_tables(out, rows, dense_row):
+def head_oracle(model, dims, loader, round_to, path):
+    """Per block, per head: tune cross-entropy with that head alone removed minus the dense one."""
+    if os.path.exists(path):
+        return json.load(open(path))
+    cpu = torch.device("cpu")
+    depth = dims["depth"]
+    base = engine.evaluate(loader, model, cpu)["loss"]
+    oracle = []
+    for b in range(depth):
+        H = dims["num_heads"][b]
+        row = []
+        for h in range(H):
+            policy = pruning.uniform_policy(depth)
+            policy["head"][b] = 1.0 / H
+            ranks = {"heads": [[h] + [j for j in range(dims["num_heads"][c]) if j != h] if c == b
+                               else list(range(dims["num_heads"][c])) for c in range(depth)],
+                     "neurons": [list(range(m)) for m in dims["mlp_hidden"]]}
+            pruned = pruning.slice_model(model, policy, ranks, round_to)
+            row.append(engine.evaluate(loader, pruned, cpu)["loss"] - base)
+        oracle.append(row)
+    utils.write_json_atomic(path, oracle)
+    return oracle
+
+
+def oracle_agreement(score_sets, oracle):
+    rhos = []
+    for scores in score_sets:
+        for s, o in zip(scores["heads"], oracle):
+            if len(s) > 2 and np.std(s) > 0:
+                rhos.append(spearmanr(s, o).correlation)
+    return statistics.mean(rhos) if rhos else None
+
+
+def write_tables(out, rows, dense_row, oracle=None):
     names = list(dict.fromkeys(r["ranking"] for r in rows))
     shapes = list(dict.fromkeys(s for r in rows for s in r["val"]))
     lines = [f"dense: val top-1 {dense_row['val']:.2f}, tune top-1 {dense_row['tune']:.2f} "
@@ -143,12 +184,14 @@ def write_tables(out, rows, dense_row):
             lines.append(f"| {name} | {len(mine)} | " + " | ".join(mean_sd([r[split].get(s) for r in mine])
                                                                  for s in shapes) + " |")
         lines.append("")
-    lines += ["stability: mean Spearman rho of the scores between calibration sets", "",
-              "| ranking | heads | neurons |", "|---|---|---|"]
+    lines += ["stability: mean Spearman rho of the scores between calibration sets; agreement: mean Spearman rho "
+              "of the head scores with the leave-one-head-out increase of the tune loss", "",
+              "| ranking | stability, heads | stability, neurons | head agreement with the oracle |", "|---|---|---|---|"]
+    show = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
     for name in names:
         mine = [r["scores"] for r in rows if r["ranking"] == name]
-        h, n = stability(mine, "heads"), stability(mine, "neurons")
-        lines.append(f"| {name} | {'-' if h is None else f'{h:.2f}'} | {'-' if n is None else f'{n:.2f}'} |")
+        agree = oracle_agreement(mine, oracle) if oracle else None
+        lines.append(f"| {name} | {show(stability(mine, 'heads'))} | {show(stability(mine, 'neurons'))} | {show(agree)} |")
     text = "\n".join(lines)
     with open(os.path.join(out, "study.md"), "w") as f:
         f.write(text + "\n")
@@ -162,8 +205,9 @@ def main(argv=None):
     done = utils.read_jsonl(path)
     dense_rows = [r for r in done if r.get("ranking") == "dense"]
     rows = [r for r in done if r.get("ranking") != "dense"]
+    oracle_path = os.path.join(a.out, "oracle.json")
     if a.table:
-        write_tables(a.out, rows, dense_rows[0])
+        write_tables(a.out, rows, dense_rows[0], json.load(open(oracle_path)) if os.path.exists(oracle_path) else None)
         return
     torch.set_num_threads(a.threads)
     cpu = torch.device("cpu")
@@ -211,7 +255,8 @@ def main(argv=None):
         eta = (time.time() - t0) / (i + 1) * (len(todo) - i - 1)
         print(f"[{i + 1}/{len(todo)}] {name} calib {k}: val " + ", ".join(f"{v:.1f}" for v in row["val"].values())
               + f" (eta {utils.format_seconds(eta)})", file=sys.stderr, flush=True)
-    write_tables(a.out, rows, dense_rows[0])
+    oracle = head_oracle(model, dims, tune_loader, a.round_to, oracle_path)
+    write_tables(a.out, rows, dense_rows[0], oracle)
 
 
 if __name__ == "__main__":

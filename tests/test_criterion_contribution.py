@@ -92,3 +92,20 @@ def test_bad_options_are_refused(tiny):
         dc.scores_from_statistics(stats, magnitude="weights")
     with pytest.raises(ValueError, match="head_alpha"):
         dc.scores_from_statistics(stats, head_alpha=1.5)
+
+
+def test_taylor_size_term_mixes_dependency_with_taylor_importance(tiny):
+    """magnitude="taylor": the size term is taylor_scores (itself checked against finite
+    differences in test_taylor.py), min-max scaled and mixed with the dependency."""
+    model, batches = tiny
+    got = dc.compute_scores(model, batches, num_batches=2, head_alpha=0.25, neuron_alpha=0.4, magnitude="taylor")
+    stats = dc.hsic_statistics(model, batches, num_batches=2)
+    taylor = dc.taylor_scores(model, batches, num_batches=2)
+    for b in range(len(model.blocks)):
+        s = stats["head_self"][b].sqrt()
+        dep = stats["head_rel"][b] / s - dc.DEFAULT_HEAD_LAMBDA * stats["head_red"][b] / s
+        torch.testing.assert_close(got["heads"][b], 0.25 * minmax(dep) + 0.75 * minmax(taylor["heads"][b]))
+        torch.testing.assert_close(got["neurons"][b], 0.4 * minmax(stats["neuron_rel"][b])
+                                   + 0.6 * minmax(taylor["neurons"][b]))
+    only = dc.compute_scores(model, batches, num_batches=2, head_alpha=0.0, neuron_alpha=0.0, magnitude="taylor")
+    assert dc.rank_components(only) == dc.rank_components(taylor)

@@ -261,6 +261,16 @@ def test_help_and_flag_errors_load_no_heavy_library():
     assert res.stdout.strip().splitlines()[-3:] == ["exit 0", "exit 2", "loaded []"], res.stdout[-300:]
 
 
+def test_default_criterion_is_taylor_and_the_paper_setting_ranks_with_hsic():
+    import main
+    parse = argparse.ArgumentParser(parents=[main.get_args_parser()]).parse_args
+    assert main.settle(parse([]))[0].criterion == "taylor"
+    assert main.settle(parse(["--hsic-kernel", "original"]))[0].criterion == "hsic"
+    assert main.settle(parse(["--criterion", "hsic"]))[0].criterion == "hsic"
+    with pytest.raises(utils.UserError, match="does not apply to --criterion magnitude"):
+        main.settle(parse(["--criterion", "magnitude", "--hsic-kernel", "original"]))
+
+
 # ----------------------------------------------------------------------------- teachers
 
 @pytest.mark.slow
