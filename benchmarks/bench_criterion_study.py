@@ -47,7 +47,7 @@ import pruning  # noqa: E402
 import utils  # noqa: E402
 
 # name -> compute_scores keyword arguments ("num_batches" is filled in from --criterion-batches
-# unless given); "calib" "plain" = un-augmented calibration images
+# unless given; "seed" is the calibration set's)
 RANKINGS = {
     "hsic": {},  # this project's defaults
     "hsic_paper_form": {"kernel": "scaled", "bandwidth": "multi", "head_normalize": False, "num_batches": 1},
@@ -218,9 +218,9 @@ def main(argv=None):
     val, _ = datasets.build_dataset(False, cfg)
     tune_idx, calib = splits(train_plain, a.tune_size, a.calib_sets, a.criterion_batches * a.batch_size)
 
-    def loader(ds, idx=None, shuffle=False):
+    def loader(ds, idx=None):  # evaluation: fixed order, large batches
         ds = torch.utils.data.Subset(ds, idx) if idx is not None else ds
-        return torch.utils.data.DataLoader(ds, batch_size=256 if not shuffle else a.batch_size, shuffle=False)
+        return torch.utils.data.DataLoader(ds, batch_size=256)
     val_loader, tune_loader = loader(val), loader(train_plain, tune_idx)
     dims = pruning.model_dims(model)
     shapes = shapes_of(dims, a.round_to)
