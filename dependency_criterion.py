@@ -623,6 +623,22 @@ def original_criterion_kwargs():
             "neuron_alpha": 0.1, "num_batches": 1, "train_mode": True}
 
 
+
+def criterion_kwargs(criterion="hsic", hsic_kernel="scaled", criterion_batches=1, seed=0,
+                     head_lambda=DEFAULT_HEAD_LAMBDA, neuron_alpha=DEFAULT_NEURON_ALPHA, head_normalize=None,
+                     head_alpha=1.0, neuron_magnitude="activation", hsic_bandwidth=None):
+    """rank_model keyword arguments of a criterion named the way main.py's flags name it;
+    ``hsic_kernel="original"`` means the original's criterion in full (original_criterion_kwargs).
+    Options at their defaults are left out, so the record of a run made before they existed (a
+    search's run identity) stays the same."""
+    if criterion == "hsic" and hsic_kernel == "original":
+        return dict(original_criterion_kwargs(), num_batches=criterion_batches, seed=seed)
+    kw = dict(criterion=criterion, num_batches=criterion_batches, head_lambda=head_lambda, neuron_alpha=neuron_alpha,
+              seed=seed, head_normalize=head_normalize)
+    kw.update({k: v for k, v, default in (("head_alpha", head_alpha, 1.0), ("magnitude", neuron_magnitude, "activation"),
+                                          ("bandwidth", hsic_bandwidth, None)) if v != default})
+    return kw
+
 # ----------------------------------------------------------------------------------------------
 # first-order Taylor importance (the baseline most structured ViT pruners use)
 # ----------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import statistics
 import time
 from typing import Optional, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from timm.data import Mixup
@@ -18,11 +19,13 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 
+import expected_improvement as ei
 import flops
 import pruning
-from models import load, load_state_strict
-from utils import (Progress, UserError, all_reduce_sum, append_jsonl, format_seconds, markdown_table, read_jsonl,
-                   save_atomic, write_jsonl)
+from models import load, load_state_strict, save_model_file
+from utils import (Progress, UserError, all_reduce_sum, append_jsonl, broadcast_object, check_run_identity,
+                   decide_on_rank0, format_seconds, load_checkpoint_file, markdown_table, read_jsonl, save_atomic,
+                   write_json_atomic, write_jsonl)
 
 logger = logging.getLogger("vitcompress")
 
@@ -519,3 +522,164 @@ def policy_scorer(dense, rankings, loader, device, objective="acc", round_to=8, 
             "loss": stats["loss"], "kl": stats["kl"]}, **(extra or {}))
     return evaluate
 # ----------------------------------------------------------------------------------------------
+
+
+# ----------------------------------------------------------------------------------------------
+# The method's two compression steps as functions: search a policy, finetune the sliced model.
+# main.py composes them with the data, the model files and the run folders.
+# ----------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class SearchSettings:
+    """What defines a policy search besides the dense model, its rankings and its hold-out.
+    Field names are main.py's flag names, so ``SearchSettings.take(args)`` reads them."""
+    search_population: int = 20
+    search_epoch: int = 30
+    search_mode: str = "ei"
+    search_objective: str = "acc"
+    search_pool: int = 1000
+    search_max_ratio: float = 0.5
+    search_tol: float = 0.02
+    round_to: int = 8
+    fuse: str = "mean"
+    flops_convention: str = "exact"
+    seed: int = 0
+    active: Tuple[bool, bool, bool] = (True, True, True)  # heads, neurons, tokens searched
+
+    take = classmethod(Recipe.take.__func__)
+
+    @property
+    def rounding(self):
+        return "original" if self.flops_convention == "original" else "exact"
+
+    def space(self, dims, target_gmacs):
+        """The feasible policies of ``target_gmacs`` (under ``flops_convention``) for a model of
+        ``dims`` (pruning.model_dims): raises ei.InfeasibleTarget when none can meet it."""
+        depth = dims["depth"]
+        active = np.repeat(self.active, [depth, depth, 1])
+        return ei.FeasibleSampler(lambda X: flops.policy_gmacs(dims, X, self.round_to, self.flops_convention),
+                                  target_gmacs, dim=2 * depth + 1, upper=self.search_max_ratio, tol=self.search_tol,
+                                  active=active)
+
+
+def _previous_search(out, identity):
+    """Rank 0's decision for a search folder: refuse another search's, else (the history to
+    replay, the rankings it scored with or None)."""
+    check_run_identity(out, identity, "search")
+    log_path, path = os.path.join(out, "search_log.jsonl"), os.path.join(out, "rankings.json")
+    history = [dict(r, y=r.get("y", r.get("acc1"))) for r in read_jsonl(log_path)]
+    write_jsonl(log_path, history)  # without a torn last line
+    return history, (json.load(open(path)) if history and os.path.exists(path) else None)
+
+
+def search_policy(dense, rankings, loader, sampler, settings, device, amp=False, out=None, identity=None,
+                  val_loader=None, record=None, distributed=False, rank=0):
+    """Search the policy of ``dense`` that scores best on the hold-out ``loader`` among the feasible
+    ones of ``sampler`` (``settings.space``): ``search_population`` random policies, then
+    ``search_epoch`` EI steps (or random ones), each candidate sliced by ``rankings`` and scored by
+    ``settings.search_objective``. ``rankings`` is a dict (dependency_criterion.rank_model) or a
+    function computing one, called only when needed.
+
+    With ``out``, the search is a resumable run folder: ``run.json`` (``identity``, what defines
+    the search; another search's folder is refused), ``search_log.jsonl`` (replayed after an
+    interruption, so the search continues as the uninterrupted one would), ``rankings.json``, and
+    at the end ``best_policy.json`` and ``search.png``. Under torch.distributed every rank calls
+    this; rank 0 decides, asks the GP and broadcasts. The best model is evaluated on
+    ``val_loader`` when given. Returns ``{"result" (best_policy.json's contents: policy, vector,
+    GMACs, scores, settings, the rankings, ``record``), "model" (the best policy's sliced model),
+    "history"}``."""
+    history, found = decide_on_rank0(lambda: _previous_search(out, identity or {})) if out else ([], None)
+    rankings = found or (rankings() if callable(rankings) else rankings)
+    log_path = os.path.join(out, "search_log.jsonl") if out else None
+    if out and rank == 0:
+        write_json_atomic(os.path.join(out, "rankings.json"), rankings)
+    total = settings.search_population + settings.search_epoch
+    if history:
+        logger.info(f"search: resuming after {len(history)} of {total} evaluations")
+    score = policy_scorer(dense, rankings, loader, device, settings.search_objective, settings.round_to,
+                          settings.fuse, settings.rounding, settings.flops_convention, amp,
+                          extra={"search": identity} if identity else None)
+    t_start, done = time.time(), [0]
+
+    def on_record(rec):
+        if log_path:
+            append_jsonl(log_path, rec)
+        done[0] += 1
+        eta = (time.time() - t_start) / done[0] * (total - rec["step"] - 1)
+        logger.info(f"search [{rec['step'] + 1}/{total}] {rec['phase']} gmacs {rec['gmacs']:.4g} acc {rec['acc1']:.2f} "
+                    f"eta {format_seconds(eta)}")
+    res = ei.run_search(score, sampler, settings.search_population, settings.search_epoch, seed=settings.seed,
+                        mode=settings.search_mode, history=history, on_record=on_record,
+                        share=broadcast_object if distributed else None, leader=rank == 0,
+                        pool_size=settings.search_pool, refine_per_point=max(20, settings.search_pool // 20))
+    best, spent = res["best"], sum(r["seconds"] for r in res["history"])
+    model = pruning.slice_model(dense, best["policy"], rankings, settings.round_to, settings.fuse, settings.rounding)
+    val = evaluate(val_loader, model, device, amp) if val_loader is not None else None
+    result = {"policy": best["policy"], "vector": best["x"], "target_gmacs": sampler.target, "gmacs": best["gmacs"],
+              "dense_gmacs": flops.model_macs(dense, convention=settings.flops_convention)["macs"] / 1e9,
+              "params": best["params"], "search_acc1": best["acc1"],
+              "val_acc1_before_finetune": val and val["acc1"], "step": best["step"],
+              "evaluations": len(res["history"]), "objective": settings.search_objective, "search_score": best["y"],
+              "mode": settings.search_mode, "flops_convention": settings.flops_convention,
+              "budget_gmacs": best["budget_gmacs"], "round_to": settings.round_to, "fuse": settings.fuse,
+              "gp_share": sum(r.get("gp_seconds", 0.0) for r in res["history"]) / spent
+              if spent > 0 and settings.search_mode == "ei" else None, **(record or {}), "rankings": rankings}
+    logger.info(f"search done: best {settings.search_objective} {best['y']:.4g} on the search split at "
+                f"{best['budget_gmacs']:.4g} GMACs ({settings.flops_convention}; target {sampler.target:.4g}; exact "
+                f"{best['gmacs']:.4g})" + (f"; val top-1 before finetune {val['acc1']:.2f}" if val else ""))
+    if out and rank == 0:
+        write_json_atomic(os.path.join(out, "best_policy.json"), result)
+        if not ei.plot_history(res["history"], os.path.join(out, "search.png"),
+                               f"{settings.search_objective} on the search split"):
+            logger.info("matplotlib is not installed: no search plot (pip install matplotlib)")
+    return {"result": result, "model": model, "history": res["history"]}
+
+
+def prune_finetune(dense, dense_arch, policy, rankings, data, recipe, device, settings=None, run_dir=None,
+                   identity=None, distributed=False, amp=False, rank=0, extra=None, record=None):
+    """Slice ``dense`` (its ``dense_arch``) to ``policy``, keeping the components ``rankings``
+    rank highest (a dict, or a function computing one, called only when needed), and finetune it
+    by ``recipe``, distilling from ``dense`` unless the recipe says none. ``settings``
+    (SearchSettings) gives round_to, fuse and the rounding; ``data`` is datasets.build_loaders'
+    dict. Accuracy before finetuning is measured once and kept in the checkpoints, so a resumed
+    run reports the same.
+
+    With ``run_dir`` the run is resumable: ``run.json`` holds ``identity`` (what defines it; a
+    different run's folder is refused), every epoch writes ``checkpoint.pth``, and at the end rank 0
+    writes ``compressed.pth`` (load it with models.load; ``extra`` stored beside) and
+    ``result.json`` (``record``, e.g. the policy, then the figures). Returns result.json's contents."""
+    settings = settings or SearchSettings()
+    ckpt_path, state = run_dir and os.path.join(run_dir, "checkpoint.pth"), None
+    if run_dir and decide_on_rank0(lambda: check_run_identity(run_dir, identity or {}, "prune+finetune")
+                                   and os.path.exists(ckpt_path)):
+        state = load_checkpoint_file(ckpt_path)
+        model, arch, _ = load(ckpt_path, ckpt=state)
+        logger.info(f"prune+finetune: continuing the compressed model in {ckpt_path}")
+    else:
+        rankings = rankings() if callable(rankings) else rankings
+        model = pruning.slice_model(dense, policy, rankings, settings.round_to, settings.fuse, settings.rounding)
+        arch = dict(dense_arch, prune_spec=model.prune_spec)
+    model.to(device)
+    dense_m, comp_m = flops.model_macs(dense), flops.model_macs(model)
+    logger.info(f"{dense_m['macs'] / 1e9:.4g} -> {comp_m['macs'] / 1e9:.4g} GMACs "
+                f"({100 * (1 - comp_m['macs'] / dense_m['macs']):.1f}% fewer), params "
+                f"{dense_m['params'] / 1e6:.3f}M -> {comp_m['params'] / 1e6:.3f}M")
+    before = (state or {}).get("before_finetune") or evaluate(data["val"], model, device, amp)
+    dense_stats = evaluate(data["val"], dense, device, amp)
+    logger.info(f"val top-1: dense {dense_stats['acc1']:.2f}, pruned before finetune {before['acc1']:.2f}")
+    stats = fit(model, data["train"], data["val"], recipe, device, data["num_classes"], run_dir=run_dir, arch=arch,
+                teacher=dense if recipe.distillation != "none" else None, resume=state, distributed=distributed,
+                amp=amp, rank=rank, tag="finetune",
+                extra=dict(extra or {}, recipe=recipe.as_dict(), before_finetune=before))
+    result = dict(record or {}, dense_gmacs=dense_m["macs"] / 1e9, gmacs=comp_m["macs"] / 1e9,
+                  dense_params=dense_m["params"], params=comp_m["params"], dense_acc1=dense_stats["acc1"],
+                  acc1_before_finetune=before["acc1"], acc1=stats["acc1"], acc5=stats["acc5"],
+                  finetune_epochs=recipe.epochs)
+    if run_dir and rank == 0:
+        result["file"] = os.path.join(run_dir, "compressed.pth")
+        save_model_file(result["file"], model, arch, extra=dict(extra or {}, val=stats))
+        write_json_atomic(os.path.join(run_dir, "result.json"), result)
+        logger.info(f"compressed model written to {result['file']} (load it with models.load)")
+    logger.info(f"prune+finetune done: val top-1 {stats['acc1']:.2f} (dense {dense_stats['acc1']:.2f}, "
+                f"before finetune {before['acc1']:.2f}) at {result['gmacs']:.4g} GMACs")
+    return result

@@ -42,24 +42,6 @@ MAGNITUDES = ("activation", "contribution", "taylor")
 
 logger = logging.getLogger("vitcompress")
 
-# Defaults that depend on the data set. ``None`` on the command line means "take the recipe's".
-# IMAGE is DeiT's ImageNet recipe; DIGITS is a short from-scratch recipe for 2 CPU cores.
-RECIPES = {
-    "IMAGE": dict(model="deit_base_patch16_224", input_size=224, epochs=300, batch_size=64, lr=5e-4,
-                  warmup_epochs=5, cooldown_epochs=10, min_lr=1e-5, weight_decay=0.05, drop_path=0.1,
-                  aa="rand-m9-mstd0.5-inc1", smoothing=0.1, reprob=0.25, mixup=0.8, cutmix=1.0,
-                  repeated_aug=True, model_ema=True, num_workers=10, finetune_epochs=30, finetune_lr=5e-5,
-                  search_epoch=100, search_population=100, criterion_batches=4, search_pool=10000, throughput_batch=64),
-    "DIGITS": dict(model="vit_nano_patch4_32", input_size=32, epochs=30, batch_size=64, lr=1e-2,
-                   warmup_epochs=2, cooldown_epochs=0, min_lr=1e-5, weight_decay=0.05, drop_path=0.0,
-                   aa="none", smoothing=0.1, reprob=0.0, mixup=0.0, cutmix=0.0,
-                   repeated_aug=False, model_ema=False, num_workers=0, finetune_epochs=30, finetune_lr=2e-3,
-                   search_epoch=30, search_population=20, criterion_batches=4, search_pool=1000, throughput_batch=256),
-}
-# CLUTTERED_DIGITS: one digit among clutter on a 64 px canvas (mostly background tokens); ~10 min on 2 cores
-RECIPES["CLUTTERED_DIGITS"] = dict(RECIPES["DIGITS"], model="vit_nano_d6_patch8_64", input_size=64, warmup_epochs=1,
-                                   finetune_epochs=6)
-RECIPE_KEYS = tuple(RECIPES["IMAGE"])
 
 
 def get_args_parser():
@@ -245,7 +227,7 @@ def get_args_parser():
                    help="ours: --finetune-epochs/--finetune-lr with soft distillation from the dense model; paper: the "
                         "original's settings (300 epochs, lr 5e-4, DeiT augmentation, no distillation) for every flag "
                         "left at its default")
-    g.add_argument("--finetune-epochs", type=int, default=None, help="finetuning epochs (IMNET: 30, DIGITS: 30); 0 = prune only, no finetuning")
+    g.add_argument("--finetune-epochs", type=int, default=None, help="finetuning epochs (IMNET: 30, DIGITS: 15); 0 = prune only, no finetuning")
     g.add_argument("--finetune-lr", type=float, default=None, help="finetuning base lr (IMNET: 5e-5, DIGITS: 2e-3)")
 
     g = p.add_argument_group("pipeline")
@@ -266,7 +248,7 @@ def settle(args):
     if cfg.data_set is None:
         cfg.data_set = "IMNET" if cfg.data_path else "DIGITS"
     cfg.data_set = "CIFAR100" if cfg.data_set == "CIFAR" else cfg.data_set
-    recipe = RECIPES.get(cfg.data_set, RECIPES["IMAGE"])
+    recipe = datasets.RECIPES.get(cfg.data_set, datasets.RECIPES["IMAGE"])
     if cfg.output_dir and os.path.exists(cfg.output_dir) and not os.path.isdir(cfg.output_dir):
         raise utils.UserError(f"--output_dir {cfg.output_dir} is a file, not a folder")
     cfg.resume, ckpt = resume_path(cfg), None
@@ -296,7 +278,7 @@ def settle(args):
         cfg.criterion_batches = 1  # the original ranks on one batch
     if cfg.input_size is None and cfg.model is not None and cfg.model != recipe["model"]:
         cfg.input_size = models.native_input_size(cfg.model)
-    for key in RECIPE_KEYS:
+    for key in recipe:
         if getattr(cfg, key, None) is None:
             setattr(cfg, key, recipe[key])
     if args.num_workers is None:  # DeiT's 10 loader workers, but never more than this machine's CPUs
@@ -304,8 +286,19 @@ def settle(args):
     cfg.device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cfg.pin_mem = cfg.device.startswith("cuda") if cfg.pin_mem is None else cfg.pin_mem
     cfg.search_holdout = datasets.parse_holdout(cfg.search_holdout)
+    cfg.pipeline_reductions = parse_reductions(cfg.pipeline_reductions)
     check_config(cfg)
     return cfg, ckpt
+
+
+def parse_reductions(text):
+    try:
+        reductions = [float(r) for r in str(text).split(",") if r.strip()]
+    except ValueError:
+        reductions = []
+    if not reductions or not all(0 < r < 1 for r in reductions):
+        raise utils.UserError(f"--pipeline-reductions must be comma-separated fractions in (0, 1), got {text}")
+    return reductions
 
 
 def resume_path(cfg):
@@ -344,6 +337,8 @@ def check_config(cfg):
     trains = not (cfg.eval or cfg.search or cfg.throughput) or cfg.prune_finetune or cfg.pipeline
     if trains and (cfg.mixup > 0 or cfg.cutmix > 0) and cfg.batch_size % 2:
         raise utils.UserError(f"mixup/cutmix need an even --batch-size, got {cfg.batch_size} (or pass --mixup 0 --cutmix 0)")
+    if cfg.pipeline and not cfg.output_dir:
+        raise utils.UserError("--pipeline needs --output_dir")
     if cfg.search_flops is not None and cfg.search_reduction is not None:
         raise utils.UserError("give either --search_flops or --search-reduction, not both")
     if cfg.search_flops is not None and cfg.search_flops <= 0:
@@ -475,15 +470,9 @@ def load_dense(ctx, num_classes):
 
 
 def criterion_settings(cfg):
-    if cfg.criterion == "hsic" and cfg.hsic_kernel == "original":
-        return dict(dc.original_criterion_kwargs(), num_batches=cfg.criterion_batches, seed=cfg.seed)
-    kw = dict(criterion=cfg.criterion, num_batches=cfg.criterion_batches, head_lambda=cfg.head_lambda,
-              neuron_alpha=cfg.neuron_alpha, seed=cfg.seed, head_normalize=cfg.head_normalize)
-    # named only when set, so the run identity of searches made before these options is unchanged
-    kw.update({k: v for k, v, default in (("head_alpha", cfg.head_alpha, 1.0), ("magnitude", cfg.neuron_magnitude,
-                                                                               "activation"),
-                                          ("bandwidth", cfg.hsic_bandwidth, None)) if v != default})
-    return kw
+    return dc.criterion_kwargs(cfg.criterion, cfg.hsic_kernel, cfg.criterion_batches, cfg.seed, cfg.head_lambda,
+                               cfg.neuron_alpha, cfg.head_normalize, cfg.head_alpha, cfg.neuron_magnitude,
+                               cfg.hsic_bandwidth)
 
 
 def rank_dense(ctx, dense, train_plain):
@@ -502,197 +491,67 @@ def active_dims(cfg):
     return flags if any(flags) else (True, True, True)
 
 
-def rounding(cfg):
-    return "original" if cfg.flops_convention == "original" else "exact"
-
-
-def search_space(cfg, dims, dense_gmacs):
-    """The feasible policies of the budget: --search_flops GMACs or --search-reduction of the dense."""
-    if cfg.search_flops is None and cfg.search_reduction is None:
-        raise utils.UserError(f"--search needs a budget: --search_flops GMACS (the dense model has {dense_gmacs:.3f}) "
-                        f"or --search-reduction FRACTION")
-    target = cfg.search_flops if cfg.search_flops is not None else dense_gmacs * (1 - cfg.search_reduction)
-    active = np.repeat(active_dims(cfg), [dims["depth"], dims["depth"], 1])
-    return ei.FeasibleSampler(lambda X: flops.policy_gmacs(dims, X, cfg.round_to, cfg.flops_convention), target,
-                              dim=2 * dims["depth"] + 1, upper=cfg.search_max_ratio, tol=cfg.search_tol, active=active)
-
-
 def run_search(ctx):
     cfg, out = ctx.cfg, os.path.join(ctx.out, "search") if ctx.out else None
     train_plain, ncls = datasets.build_dataset(True, ctx.data, train_transform=False)
-    val_set, _ = datasets.build_dataset(False, ctx.data)
     dense, arch = load_dense(ctx, ncls)
-    dims = pruning.model_dims(dense)
     dense_gmacs = flops.model_macs(dense, convention=cfg.flops_convention)["macs"] / 1e9
-    sampler = search_space(cfg, dims, dense_gmacs)
-    target, active = sampler.target, sampler.active
-    split, split_desc = datasets.search_split(train_plain, val_set, cfg.search_holdout, cfg.search_on_val, cfg.seed)
-    loader = datasets.split_loader(split, ctx.data, ctx.distributed)
-    header = {"target_gmacs": target, "seed": cfg.seed, "mode": cfg.search_mode, "criterion": criterion_settings(cfg),
-              "objective": cfg.search_objective,
-              "active": active.tolist(), "max_ratio": cfg.search_max_ratio, "tol": cfg.search_tol,
-              "round_to": cfg.round_to, "fuse": cfg.fuse, "dense": arch["model"], "split": split_desc,
-              "convention": cfg.flops_convention,
-              "population": cfg.search_population, "pool": cfg.search_pool}
-    log_path = os.path.join(out, "search_log.jsonl") if out else None
-
-    def previous():  # rank 0 decides: refuse another search's folder, or replay this one's log
-        if not out:
-            return [], None
-        utils.check_run_identity(out, header, "search")
-        history = [dict(r, y=r.get("y", r.get("acc1"))) for r in utils.read_jsonl(log_path)]
-        utils.write_jsonl(log_path, history)  # without a torn last line
-        path = os.path.join(out, "rankings.json")
-        return history, (json.load(open(path)) if history and os.path.exists(path) else None)
-    history, rankings = utils.decide_on_rank0(previous)
-    rankings = rankings or rank_dense(ctx, dense, train_plain)
-    if out and ctx.rank == 0:
-        utils.write_json_atomic(os.path.join(out, "rankings.json"), rankings)
-    total = cfg.search_population + cfg.search_epoch
-    logger.info(f"search: {cfg.search_mode} over {int(active.sum())} ratios, target {target:.4g} GMACs (dense "
-                f"{dense_gmacs:.4g}, reachable {sampler.reachable_range()[0]:.4g}-{sampler.reachable_range()[1]:.4g}),"
-                f" {total} evaluations on {split_desc}" + (f"; resuming after {len(history)}" if history else ""))
-    t_start, done = time.time(), [0]
-
-    evaluate = engine.policy_scorer(dense, rankings, loader, ctx.device, cfg.search_objective, cfg.round_to, cfg.fuse,
-                                    rounding(cfg), cfg.flops_convention, ctx.amp, extra={"search": header})
-
-    def on_record(rec):
-        if log_path:
-            utils.append_jsonl(log_path, rec)
-        done[0] += 1
-        eta = (time.time() - t_start) / done[0] * (total - rec["step"] - 1)
-        logger.info(f"search [{rec['step'] + 1}/{total}] {rec['phase']} gmacs {rec['gmacs']:.4g} acc {rec['acc1']:.2f} "
-                    f"eta {utils.format_seconds(eta)}")
-    res = ei.run_search(evaluate, sampler, cfg.search_population, cfg.search_epoch, seed=cfg.seed,
-                        mode=cfg.search_mode, history=history, on_record=on_record,
-                        share=utils.broadcast_object if ctx.distributed else None, leader=ctx.rank == 0,
-                        pool_size=cfg.search_pool, refine_per_point=max(20, cfg.search_pool // 20))
-    best = res["best"]
-    best_model = pruning.slice_model(dense, best["policy"], rankings, cfg.round_to, cfg.fuse, rounding(cfg))
-    val_loader = datasets.build_loaders(ctx.data, ctx.distributed, train=False)["val"]
-    val = engine.evaluate(val_loader, best_model, ctx.device, ctx.amp)
-    spent = sum(r["seconds"] for r in res["history"])
-    result = {"policy": best["policy"], "vector": best["x"], "target_gmacs": target, "gmacs": best["gmacs"],
-              "dense_gmacs": dense_gmacs, "params": best["params"], "search_acc1": best["acc1"],
-              "val_acc1_before_finetune": val["acc1"], "step": best["step"], "evaluations": len(res["history"]), "objective": cfg.search_objective,
-              "search_score": best["y"],
-              "mode": cfg.search_mode, "criterion": cfg.criterion, "split": split_desc, "model": arch["model"],
-              "flops_convention": cfg.flops_convention, "budget_gmacs": best["budget_gmacs"],
-              "input_size": arch["input_size"], "round_to": cfg.round_to, "fuse": cfg.fuse,
-              "gp_share": sum(r.get("gp_seconds", 0.0) for r in res["history"]) / spent
-              if spent > 0 and cfg.search_mode == "ei" else None, "rankings": rankings}
-    logger.info(f"search done: best {cfg.search_objective} {best['y']:.4g} on the search split at {best['budget_gmacs']:.4g} "
-                f"GMACs ({cfg.flops_convention}; target {target:.4g}; exact {best['gmacs']:.4g}); val top-1 before "
-                f"finetune {val['acc1']:.2f}")
-    if out and ctx.rank == 0:
-        utils.write_json_atomic(os.path.join(out, "best_policy.json"), result)
-        if not ei.plot_history(res["history"], os.path.join(out, "search.png"), f"{cfg.search_objective} on the search split"):
-            logger.info("matplotlib is not installed: no search plot (pip install matplotlib)")
-    return result
-
-
-def resolve_policy(ctx, depth):
-    """(policy, source, rankings or None): the uniform --*_sparsity ratios, --policy, or the
-    search's best_policy.json in output_dir (whose rankings come along). Dimensions not switched
-    on by the --*_pruning flags are zeroed."""
-    cfg = ctx.cfg
-    uniform = any(v is not None for v in (cfg.head_sparsity, cfg.neuron_sparsity, cfg.token_sparsity))
-    path = cfg.policy or (os.path.join(ctx.out, "search", "best_policy.json") if ctx.out else "")
-    rankings = None
-    if uniform and not cfg.policy:
-        policy, source = pruning.uniform_policy(depth, cfg.head_sparsity or 0.0, cfg.neuron_sparsity or 0.0,
-                                                cfg.token_sparsity or 0.0), "uniform ratios"
-    elif path and os.path.exists(path):
-        policy, rankings, _ = pruning.read_policy_file(path)
-        source = path
-    elif cfg.policy:  # a published policy by name (or a one-line error listing the names)
-        policy, source = pruning.load_policy(cfg.policy)
-    else:
-        raise utils.UserError(f"no pruning policy{f' ({path} does not exist)' if path else ''}: run --search first, pass "
-                        f"--policy FILE, or give --head_sparsity/--neuron_sparsity/--token_sparsity")
-    try:
-        pruning.validate_policy(policy, depth)
-    except pruning.SpecError as e:
-        raise utils.UserError(f"policy from {source}: {e}") from e
-    on = active_dims(cfg)
-    policy = {"head": [float(v) * on[0] for v in policy["head"]], "neuron": [float(v) * on[1] for v in policy["neuron"]],
-              "token": float(policy["token"]) * on[2]}
-    return policy, source, rankings
+    if cfg.search_flops is None and cfg.search_reduction is None:
+        raise utils.UserError(f"--search needs a budget: --search_flops GMACS (the dense model has {dense_gmacs:.3f}) "
+                              f"or --search-reduction FRACTION")
+    target = cfg.search_flops if cfg.search_flops is not None else dense_gmacs * (1 - cfg.search_reduction)
+    settings = engine.SearchSettings.take(cfg, active=active_dims(cfg))
+    sampler = settings.space(pruning.model_dims(dense), target)
+    split, split_desc = datasets.search_split(train_plain, datasets.build_dataset(False, ctx.data)[0],
+                                              cfg.search_holdout, cfg.search_on_val, cfg.seed)
+    identity = {"target_gmacs": target, "seed": cfg.seed, "mode": cfg.search_mode, "criterion": criterion_settings(cfg),
+                "objective": cfg.search_objective, "active": sampler.active.tolist(), "max_ratio": cfg.search_max_ratio,
+                "tol": cfg.search_tol, "round_to": cfg.round_to, "fuse": cfg.fuse, "dense": arch["model"],
+                "split": split_desc, "convention": cfg.flops_convention, "population": cfg.search_population,
+                "pool": cfg.search_pool}
+    low, high = sampler.reachable_range()
+    logger.info(f"search: {cfg.search_mode} over {int(sampler.active.sum())} ratios, target {target:.4g} GMACs (dense "
+                f"{dense_gmacs:.4g}, reachable {low:.4g}-{high:.4g}), {cfg.search_population + cfg.search_epoch} "
+                f"evaluations on {split_desc}")
+    return engine.search_policy(
+        dense, lambda: rank_dense(ctx, dense, train_plain), datasets.split_loader(split, ctx.data, ctx.distributed),
+        sampler, settings, ctx.device, ctx.amp, out, identity,
+        datasets.build_loaders(ctx.data, ctx.distributed, train=False)["val"], dict(
+            criterion=cfg.criterion, split=split_desc, model=arch["model"], input_size=arch["input_size"]),
+        ctx.distributed, ctx.rank)["result"]
 
 
 def run_prune_finetune(ctx):
     cfg = ctx.cfg
     data = datasets.build_loaders(ctx.data, ctx.distributed)
     dense, dense_arch = load_dense(ctx, data["num_classes"])
-    policy, source, rankings = resolve_policy(ctx, pruning.model_dims(dense)["depth"])
-    recipe = make_recipe(cfg, ctx.world_size, finetune=True)
-    run_dir = os.path.join(ctx.out, "prune_finetune") if ctx.out else None
+    policy, source, rankings = pruning.resolve_policy(
+        pruning.model_dims(dense)["depth"], (cfg.head_sparsity, cfg.neuron_sparsity, cfg.token_sparsity), cfg.policy,
+        os.path.join(ctx.out, "search", "best_policy.json") if ctx.out else "", active_dims(cfg))
+    recipe, settings = make_recipe(cfg, ctx.world_size, finetune=True), engine.SearchSettings.take(cfg)
     identity = {"dense": os.path.abspath(cfg.resume), "policy": policy, "round_to": cfg.round_to, "fuse": cfg.fuse,
-                "rounding": rounding(cfg),
-                "rankings": "search" if rankings else criterion_settings(cfg),
+                "rounding": settings.rounding, "rankings": "search" if rankings else criterion_settings(cfg),
                 "recipe": {k: v for k, v in recipe.as_dict().items() if k not in ("epochs", "log_every", "max_steps")}}
-    state = None
-    if run_dir:
-        ckpt_path = os.path.join(run_dir, "checkpoint.pth")
-        if utils.decide_on_rank0(lambda: utils.check_run_identity(run_dir, identity, "prune+finetune")
-                                 and os.path.exists(ckpt_path)):
-            state = utils.load_checkpoint_file(ckpt_path)
-    if state is not None:
-        model, arch, _ = models.load(ckpt_path, ckpt=state)
-        logger.info(f"prune+finetune: continuing the compressed model in {ckpt_path}")
-    else:
-        if rankings is None:
-            rankings = rank_dense(ctx, dense, datasets.build_dataset(True, ctx.data, train_transform=False)[0])
-        logger.info(f"components kept by the rankings {'the search scored its policies with' if source != 'uniform ratios' and identity['rankings'] == 'search' else 'computed now with the ' + cfg.criterion + ' criterion'}")
-        model = pruning.slice_model(dense, policy, rankings, cfg.round_to, cfg.fuse, rounding(cfg))
-        arch = dict(dense_arch, prune_spec=model.prune_spec)
-    model.to(ctx.device)
-    dense_m, comp_m = flops.model_macs(dense), flops.model_macs(model)
-    logger.info(f"policy from {source}: {dense_m['macs'] / 1e9:.4g} -> {comp_m['macs'] / 1e9:.4g} GMACs "
-                f"({100 * (1 - comp_m['macs'] / dense_m['macs']):.1f}% fewer), params "
-                f"{dense_m['params'] / 1e6:.3f}M -> {comp_m['params'] / 1e6:.3f}M")
-    # before finetuning: measured once, kept in the checkpoints, so a resumed run reports the same
-    before = (state or {}).get("before_finetune") or engine.evaluate(data["val"], model, ctx.device, ctx.amp)
-    dense_stats = engine.evaluate(data["val"], dense, ctx.device, ctx.amp)
-    logger.info(f"val top-1: dense {dense_stats['acc1']:.2f}, pruned before finetune {before['acc1']:.2f}")
-    stats = engine.fit(model, data["train"], data["val"], recipe, ctx.device, data["num_classes"], run_dir=run_dir,
-                       arch=arch, teacher=dense if recipe.distillation != "none" else None, resume=state,
-                       distributed=ctx.distributed, amp=ctx.amp, rank=ctx.rank, tag="finetune",
-                       extra={"args": utils.primitives(vars(cfg)), "recipe": recipe.as_dict(), "before_finetune": before})
-    result = {"policy": policy, "policy_source": source, "dense_gmacs": dense_m["macs"] / 1e9,
-              "gmacs": comp_m["macs"] / 1e9, "dense_params": dense_m["params"], "params": comp_m["params"],
-              "dense_acc1": dense_stats["acc1"], "acc1_before_finetune": before["acc1"], "acc1": stats["acc1"],
-              "acc5": stats["acc5"], "finetune_epochs": recipe.epochs}
-    if run_dir and ctx.rank == 0:
-        result["file"] = os.path.join(run_dir, "compressed.pth")
-        models.save_model_file(result["file"], model, arch, extra={"val": stats, "args": utils.primitives(vars(cfg))})
-        utils.write_json_atomic(os.path.join(run_dir, "result.json"), result)
-        logger.info(f"compressed model written to {result['file']} (load it with models.load)")
-    logger.info(f"prune+finetune done: val top-1 {stats['acc1']:.2f} (dense {dense_stats['acc1']:.2f}, "
-                f"before finetune {before['acc1']:.2f}) at {result['gmacs']:.4g} GMACs")
-    return result
+    logger.info(f"policy from {source}; components kept by the rankings " + (
+        "the search scored its policies with" if rankings else f"of the {cfg.criterion} criterion"))
+    return engine.prune_finetune(
+        dense, dense_arch, policy, rankings or (lambda: rank_dense(
+            ctx, dense, datasets.build_dataset(True, ctx.data, train_transform=False)[0])), data, recipe, ctx.device,
+        settings, os.path.join(ctx.out, "prune_finetune") if ctx.out else None, identity, ctx.distributed, ctx.amp,
+        ctx.rank, extra={"args": utils.primitives(vars(cfg))}, record={"policy": policy, "policy_source": source})
 
 
 def run_pipeline(ctx):
     """Pretrain -> search -> prune+finetune for each reduction, then a dense-vs-compressed table.
     Rerunning the same command re-does no finished step (each decision taken on rank 0)."""
     cfg = ctx.cfg
-    if not ctx.out:
-        raise utils.UserError("--pipeline needs --output_dir")
-    try:
-        reductions = [float(r) for r in str(cfg.pipeline_reductions).split(",") if r.strip()]
-    except ValueError:
-        reductions = []
-    if not reductions or not all(0 < r < 1 for r in reductions):
-        raise utils.UserError(f"--pipeline-reductions must be comma-separated fractions in (0, 1), got {cfg.pipeline_reductions}")
     t0, dense_dir = time.time(), os.path.join(ctx.out, "dense")
     dense_ckpt = os.path.join(dense_dir, "checkpoint.pth")
     logger.info(f"pipeline 1/3: pretraining {cfg.model} into {dense_dir}")
     exists = utils.decide_on_rank0(lambda: os.path.exists(dense_ckpt))
     run_train(ctx.derive(dense_dir, resume=dense_ckpt if exists else "", eval=False, search=False, prune_finetune=False))
     rows = []
-    for r in reductions:
+    for r in cfg.pipeline_reductions:
         sub = os.path.join(ctx.out, f"reduce{round(100 * r)}")
         step = ctx.derive(sub, resume=dense_ckpt, search_reduction=r, search_flops=None,
                           policy=os.path.join(sub, "search", "best_policy.json"))

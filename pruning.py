@@ -392,6 +392,31 @@ def load_policy(source):
     raise SpecError(f"no policy file or published policy named {source!r}; published: {', '.join(names)}")
 
 
+def resolve_policy(depth, sparsities=(None, None, None), policy="", default_path="", active=(True, True, True)):
+    """(policy, source, rankings or None) for prune+finetune: uniform ratios when any of the
+    (head, neuron, token) ``sparsities`` is given and no ``policy``; else the policy file
+    ``policy`` or ``default_path`` (a search's best_policy.json, whose rankings come along); else
+    a published policy named ``policy``. Dimensions whose ``active`` flag is off are zeroed.
+    SpecError (one line) when there is none or it does not fit a model of ``depth`` blocks."""
+    path = policy or default_path
+    rankings = None
+    if any(v is not None for v in sparsities) and not policy:
+        found, source = uniform_policy(depth, *(v or 0.0 for v in sparsities)), "uniform ratios"
+    elif path and os.path.exists(path):
+        (found, rankings, _), source = read_policy_file(path), path
+    elif policy:  # a published policy by name (or a one-line error listing the names)
+        found, source = load_policy(policy)
+    else:
+        raise SpecError(f"no pruning policy{f' ({path} does not exist)' if path else ''}: run --search first, pass "
+                        f"--policy FILE, or give --head_sparsity/--neuron_sparsity/--token_sparsity")
+    try:
+        validate_policy(found, depth)
+    except SpecError as e:
+        raise SpecError(f"policy from {source}: {e}") from e
+    return ({"head": [float(v) * active[0] for v in found["head"]],
+             "neuron": [float(v) * active[1] for v in found["neuron"]], "token": float(found["token"]) * active[2]},
+            source, rankings)
+
 def paper_finetune_recipe():
     """The original implementation's prune + finetune settings (a new dict each call), keyed by
     main.py's argument names. Its prune_finetune step simply continued with its training defaults

@@ -1,0 +1,106 @@
+"""engine.search_policy and engine.prune_finetune called from Python with run folders: what main.py's
+--search and --prune_finetune run, checked without the CLI (resume replays, refusals, rankings
+computed only when needed)."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import datasets
+import dependency_criterion as dc
+import engine
+import flops
+import models
+import pruning
+import utils
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def setup():
+    torch.manual_seed(0)
+    cfg = datasets.DataConfig(data_set="DIGITS", input_size=32, batch_size=64)
+    data = datasets.build_loaders(cfg, distributed=False)
+    model = models.build_model("vit_pico_patch8_32", num_classes=10)
+    engine.fit(model, data["train"], data["val"], engine.Recipe(epochs=1, lr=2e-3, max_steps=10), CPU, 10)
+    model.eval()
+    arch = models.model_arch("vit_pico_patch8_32", model, 32, (0.5,) * 3, (0.5,) * 3)
+    train_plain, _ = datasets.build_dataset(True, cfg, train_transform=False)
+    split, _ = datasets.search_split(train_plain, None, holdout=120)
+    held_out = datasets.split_loader(split, cfg, distributed=False)
+    rankings = dc.rank_model(model, datasets.criterion_loader(train_plain, cfg, num_batches=1), criterion="taylor")
+    return dict(cfg=cfg, data=data, model=model, arch=arch, held_out=held_out, rankings=rankings)
+
+
+def counted_rankings(rankings, calls):
+    def rank():
+        calls.append(1)
+        return rankings
+    return rank
+
+
+def test_search_policy_folder_resumes_by_replay_and_refuses_another_search(setup, tmp_path):
+    model, out = setup["model"], str(tmp_path / "search")
+    settings = engine.SearchSettings(search_population=3, search_epoch=2, search_pool=200, seed=1)
+    target = 0.6 * flops.model_macs(model)["macs"] / 1e9
+    sampler = settings.space(pruning.model_dims(model), target)
+    identity, calls = {"target_gmacs": target, "seed": 1}, []
+    first = engine.search_policy(model, counted_rankings(setup["rankings"], calls), setup["held_out"], sampler,
+                                 settings, CPU, out=out, identity=identity, val_loader=setup["data"]["val"],
+                                 record={"note": "x"})
+    assert calls == [1]
+    res = first["result"]
+    assert len(utils.read_jsonl(os.path.join(out, "search_log.jsonl"))) == 5
+    stored = json.load(open(os.path.join(out, "best_policy.json")))
+    assert stored["policy"] == res["policy"] and stored["note"] == "x" and stored["rankings"] is not None
+    # the stored rankings and policy rebuild the model the search scored: same GMACs as recorded
+    assert flops.model_macs(first["model"])["macs"] / 1e9 == pytest.approx(res["gmacs"])
+    assert sampler.is_feasible(np.asarray(res["vector"])[None])[0]
+    assert res["val_acc1_before_finetune"] == engine.evaluate(setup["data"]["val"], first["model"], CPU)["acc1"]
+
+    # a rerun replays the log (no new evaluation, rankings read back, not recomputed): same result
+    again = engine.search_policy(model, counted_rankings(setup["rankings"], calls), setup["held_out"], sampler,
+                                 settings, CPU, out=out, identity=identity)
+    assert calls == [1]
+    assert len(utils.read_jsonl(os.path.join(out, "search_log.jsonl"))) == 5
+    assert again["result"]["policy"] == res["policy"] and again["result"]["search_score"] == res["search_score"]
+
+    # an interrupted search (log cut after 2 records) continues to the same history as the whole run
+    log = utils.read_jsonl(os.path.join(out, "search_log.jsonl"))
+    utils.write_jsonl(os.path.join(out, "search_log.jsonl"), log[:2])
+    resumed = engine.search_policy(model, setup["rankings"], setup["held_out"], sampler, settings, CPU, out=out,
+                                   identity=identity)
+    assert [r["x"] for r in resumed["history"]] == [r["x"] for r in log]
+
+    with pytest.raises(utils.UserError, match="another search run"):
+        engine.search_policy(model, setup["rankings"], setup["held_out"], sampler, settings, CPU, out=out,
+                             identity=dict(identity, seed=2))
+
+
+def test_prune_finetune_folder_continues_and_refuses_another_policy(setup, tmp_path):
+    model, run_dir = setup["model"], str(tmp_path / "pf")
+    policy = pruning.uniform_policy(pruning.model_dims(model)["depth"], 0.25, 0.25, 0.0)
+    recipe = engine.Recipe(epochs=1, lr=1e-3, max_steps=3, distillation="soft")
+    identity, calls = {"policy": policy}, []
+    res = engine.prune_finetune(model, setup["arch"], policy, counted_rankings(setup["rankings"], calls),
+                                setup["data"], recipe, CPU, run_dir=run_dir, identity=identity,
+                                record={"policy": policy})
+    assert calls == [1]
+    assert json.load(open(os.path.join(run_dir, "result.json")))["policy"] == policy
+    small, arch, _ = models.load(res["file"])
+    expected = pruning.slice_model(model, policy, setup["rankings"], 8)
+    assert arch["prune_spec"] == expected.prune_spec
+    assert flops.model_macs(small)["macs"] / 1e9 == pytest.approx(res["gmacs"])
+
+    # the same run again continues the checkpoint (no ranking) and reports the same pre-finetune top-1
+    again = engine.prune_finetune(model, setup["arch"], policy, counted_rankings(setup["rankings"], calls),
+                                  setup["data"], recipe, CPU, run_dir=run_dir, identity=identity)
+    assert calls == [1] and again["acc1_before_finetune"] == res["acc1_before_finetune"]
+
+    other = pruning.uniform_policy(pruning.model_dims(model)["depth"], 0.25, 0.5, 0.0)
+    with pytest.raises(utils.UserError, match="another prune\\+finetune run"):
+        engine.prune_finetune(model, setup["arch"], other, setup["rankings"], setup["data"], recipe, CPU,
+                              run_dir=run_dir, identity={"policy": other})
