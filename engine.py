@@ -545,8 +545,24 @@ class SearchSettings:
     flops_convention: str = "exact"
     seed: int = 0
     active: Tuple[bool, bool, bool] = (True, True, True)  # heads, neurons, tokens searched
+    search_flops: Optional[float] = None  # the budget in GMACs, or
+    search_reduction: Optional[float] = None  # the fraction of the dense model's GMACs removed
 
     take = classmethod(Recipe.take.__func__)
+
+    def target(self, dense_gmacs):
+        """The budget in GMACs for a dense model of ``dense_gmacs``."""
+        if self.search_flops is None and self.search_reduction is None:
+            raise UserError(f"--search needs a budget: --search_flops GMACS (the dense model has {dense_gmacs:.3f}) "
+                            f"or --search-reduction FRACTION")
+        return self.search_flops if self.search_flops is not None else dense_gmacs * (1 - self.search_reduction)
+
+    def identity(self, sampler):
+        """What defines a search of ``sampler``'s space under these settings (its run.json)."""
+        return {"target_gmacs": sampler.target, "seed": self.seed, "mode": self.search_mode,
+                "objective": self.search_objective, "active": sampler.active.tolist(), "max_ratio": self.search_max_ratio,
+                "tol": self.search_tol, "round_to": self.round_to, "fuse": self.fuse, "convention": self.flops_convention,
+                "population": self.search_population, "pool": self.search_pool}
 
     @property
     def rounding(self):
@@ -580,15 +596,17 @@ def search_policy(dense, rankings, loader, sampler, settings, device, amp=False,
     ``settings.search_objective``. ``rankings`` is a dict (dependency_criterion.rank_model) or a
     function computing one, called only when needed.
 
-    With ``out``, the search is a resumable run folder: ``run.json`` (``identity``, what defines
-    the search; another search's folder is refused), ``search_log.jsonl`` (replayed after an
+    With ``out``, the search is a resumable run folder: ``run.json`` (what defines the search:
+    ``settings.identity(sampler)`` and the caller's ``identity``, e.g. the dense model, the
+    rankings' criterion and the hold-out; another search's folder is refused), ``search_log.jsonl`` (replayed after an
     interruption, so the search continues as the uninterrupted one would), ``rankings.json``, and
     at the end ``best_policy.json`` and ``search.png``. Under torch.distributed every rank calls
     this; rank 0 decides, asks the GP and broadcasts. The best model is evaluated on
     ``val_loader`` when given. Returns ``{"result" (best_policy.json's contents: policy, vector,
     GMACs, scores, settings, the rankings, ``record``), "model" (the best policy's sliced model),
     "history"}``."""
-    history, found = decide_on_rank0(lambda: _previous_search(out, identity or {})) if out else ([], None)
+    identity = dict(settings.identity(sampler), **(identity or {}))
+    history, found = decide_on_rank0(lambda: _previous_search(out, identity)) if out else ([], None)
     rankings = found or (rankings() if callable(rankings) else rankings)
     log_path = os.path.join(out, "search_log.jsonl") if out else None
     if out and rank == 0:
@@ -598,7 +616,7 @@ def search_policy(dense, rankings, loader, sampler, settings, device, amp=False,
         logger.info(f"search: resuming after {len(history)} of {total} evaluations")
     score = policy_scorer(dense, rankings, loader, device, settings.search_objective, settings.round_to,
                           settings.fuse, settings.rounding, settings.flops_convention, amp,
-                          extra={"search": identity} if identity else None)
+                          extra={"search": identity})
     t_start, done = time.time(), [0]
 
     def on_record(rec):
@@ -644,13 +662,17 @@ def prune_finetune(dense, dense_arch, policy, rankings, data, recipe, device, se
     dict. Accuracy before finetuning is measured once and kept in the checkpoints, so a resumed
     run reports the same.
 
-    With ``run_dir`` the run is resumable: ``run.json`` holds ``identity`` (what defines it; a
-    different run's folder is refused), every epoch writes ``checkpoint.pth``, and at the end rank 0
+    With ``run_dir`` the run is resumable: ``run.json`` holds what defines it (the policy, the
+    settings' rounding, the recipe less its length, and the caller's ``identity``, e.g. the dense
+    file and where the rankings came from; a different run's folder is refused), every epoch writes ``checkpoint.pth``, and at the end rank 0
     writes ``compressed.pth`` (load it with models.load; ``extra`` stored beside) and
     ``result.json`` (``record``, e.g. the policy, then the figures). Returns result.json's contents."""
     settings = settings or SearchSettings()
+    identity = {"policy": policy, "round_to": settings.round_to, "fuse": settings.fuse, "rounding": settings.rounding,
+                "recipe": {k: v for k, v in recipe.as_dict().items() if k not in ("epochs", "log_every", "max_steps")},
+                **(identity or {})}
     ckpt_path, state = run_dir and os.path.join(run_dir, "checkpoint.pth"), None
-    if run_dir and decide_on_rank0(lambda: check_run_identity(run_dir, identity or {}, "prune+finetune")
+    if run_dir and decide_on_rank0(lambda: check_run_identity(run_dir, identity, "prune+finetune")
                                    and os.path.exists(ckpt_path)):
         state = load_checkpoint_file(ckpt_path)
         model, arch, _ = load(ckpt_path, ckpt=state)

@@ -12,6 +12,7 @@ import importlib
 import json
 import logging
 import os
+import re
 import sys
 import time
 
@@ -43,25 +44,65 @@ MAGNITUDES = ("activation", "contribution", "taylor")
 logger = logging.getLogger("vitcompress")
 
 
+def ranged(kind, ok, words):
+    """An argparse type: a ``kind`` value that passes ``ok``; the parser rejects any other as
+    '--flag must be <words>' before anything heavy is imported."""
+    def parse(text):
+        value = kind(text)
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {words}, got {text}")
+        return value
+    parse.__name__ = kind.__name__  # argparse names it in "invalid int value"
+    return parse
+
+
+POSITIVE, COUNT = ranged(int, lambda v: v > 0, "positive"), ranged(int, lambda v: v >= 0, ">= 0")
+FRACTION, RATE = ranged(float, lambda v: 0 < v < 1, "in (0, 1)"), ranged(float, lambda v: 0 <= v < 1, "in [0, 1)")
+WEIGHT, GMACS = ranged(float, lambda v: 0 <= v <= 1, "in [0, 1]"), ranged(float, lambda v: v > 0, "positive GMACs")
+
+
+def reductions(text):
+    try:
+        values = [float(r) for r in text.split(",") if r.strip()]
+    except ValueError:
+        values = []
+    if not values or not all(0 < r < 1 for r in values):
+        raise argparse.ArgumentTypeError(f"must be comma-separated fractions in (0, 1), got {text}")
+    return values
+
+
+class FlagError(Exception):
+    pass
+
+
+class Parser(argparse.ArgumentParser):
+    """Answers a bad flag in one line, like every other bad input, instead of 60 lines of usage."""
+
+    def error(self, message):
+        flags = re.match(r"argument (\S+): ", message)
+        if flags:  # 'argument --search_epoch/--search-epoch: x' -> '--search-epoch x'
+            names = flags.group(1).split("/")
+            message = next((n for n in names if "_" not in n), names[0]) + " " + message[flags.end():]
+        raise FlagError(f"{message} (python main.py --help lists the flags)")
+
+
 
 def get_args_parser():
     p = argparse.ArgumentParser("Multi-dimensional ViT compression (DeiT-style training, HSIC criterion, "
                                 "GP-EI policy search, physical pruning)", add_help=False)
-    p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=None,
+    p.add_argument("--batch-size", "--batch_size", type=POSITIVE,
                    help="per-process batch size (IMNET: 64, DIGITS: 64)")
-    p.add_argument("--epochs", type=int, default=None, help="training epochs (IMNET: 300, DIGITS: 30)")
+    p.add_argument("--epochs", type=POSITIVE, help="training epochs (IMNET: 300, DIGITS: 30)")
 
     g = p.add_argument_group("model")
-    g.add_argument("--model", default=None, metavar="NAME",
-                   help="timm ViT/DeiT name or a preset (vit_nano_patch4_32, deit_nano_distilled_patch4_32, "
-                        "vit_pico_patch8_32); default deit_base_patch16_224, or vit_nano_patch4_32 on DIGITS")
-    g.add_argument("--input-size", "--input_size", dest="input_size", type=int, default=None,
-                   help="image size (IMNET: 224, DIGITS: 32)")
+    g.add_argument("--model", metavar="NAME", help="timm ViT/DeiT name or a preset (vit_nano_patch4_32, "
+                   "deit_nano_distilled_patch4_32, vit_pico_patch8_32); default deit_base_patch16_224, or "
+                   "vit_nano_patch4_32 on DIGITS")
+    g.add_argument("--input-size", "--input_size", type=POSITIVE, help="image size (IMNET: 224, DIGITS: 32)")
     g.add_argument("--drop", type=float, default=0.0, help="dropout rate")
-    g.add_argument("--drop-path", "--drop_path", dest="drop_path", type=float, default=None,
-                   help="stochastic depth rate (IMNET: 0.1, DIGITS: 0)")
+    g.add_argument("--drop-path", "--drop_path", type=float, help="stochastic depth rate (IMNET: 0.1, DIGITS: 0)")
     g.add_argument("--pretrained", action="store_true", help="start from timm's pretrained weights (needs internet)")
-    g.add_argument("--model-ema", dest="model_ema", action="store_true", default=None, help="keep an EMA of weights")
+    g.add_argument("--model-ema", action="store_true", default=None, help="keep an EMA of weights")
     g.add_argument("--no-model-ema", dest="model_ema", action="store_false")
     g.add_argument("--model-ema-decay", type=float, default=0.99996)
     g.add_argument("--model-ema-force-cpu", action="store_true")
@@ -69,35 +110,35 @@ def get_args_parser():
     g = p.add_argument_group("optimizer and schedule")
     g.add_argument("--opt", default="adamw", help="timm optimizer name")
     g.add_argument("--opt-eps", type=float, default=1e-8)
-    g.add_argument("--opt-betas", type=float, nargs="+", default=None)
-    g.add_argument("--clip-grad", type=float, default=None, help="gradient norm clip (off by default)")
+    g.add_argument("--opt-betas", type=float, nargs="+")
+    g.add_argument("--clip-grad", type=float, help="gradient norm clip (off by default)")
     g.add_argument("--momentum", type=float, default=0.9)
-    g.add_argument("--weight-decay", type=float, default=None, help="(default 0.05)")
+    g.add_argument("--weight-decay", type=float, help="(default 0.05)")
     g.add_argument("--sched", default="cosine", help="timm scheduler name")
-    g.add_argument("--lr", type=float, default=None,
-                   help="base learning rate for a global batch of 512, scaled linearly (IMNET: 5e-4, DIGITS: 1e-2)")
+    g.add_argument("--lr", type=float, help="base learning rate for a global batch of 512, scaled linearly "
+                   "(IMNET: 5e-4, DIGITS: 1e-2)")
     g.add_argument("--unscale-lr", action="store_true", help="do not scale --lr by the global batch size")
     g.add_argument("--warmup-lr", type=float, default=1e-6)
-    g.add_argument("--min-lr", type=float, default=None, help="(default 1e-5)")
-    g.add_argument("--warmup-epochs", type=int, default=None, help="(IMNET: 5, DIGITS: 2)")
-    g.add_argument("--cooldown-epochs", type=int, default=None, help="(IMNET: 10, DIGITS: 0)")
+    g.add_argument("--min-lr", type=float, help="(default 1e-5)")
+    g.add_argument("--warmup-epochs", type=int, help="(IMNET: 5, DIGITS: 2)")
+    g.add_argument("--cooldown-epochs", type=int, help="(IMNET: 10, DIGITS: 0)")
     g.add_argument("--decay-epochs", type=float, default=30)
     g.add_argument("--decay-rate", "--dr", type=float, default=0.1)
 
     g = p.add_argument_group("augmentation (DeiT recipe)")
     g.add_argument("--color-jitter", type=float, default=0.3)
-    g.add_argument("--aa", default=None, help="RandAugment policy, 'none' to turn off (IMNET: rand-m9-mstd0.5-inc1)")
-    g.add_argument("--smoothing", type=float, default=None, help="label smoothing (default 0.1)")
+    g.add_argument("--aa", help="RandAugment policy, 'none' to turn off (IMNET: rand-m9-mstd0.5-inc1)")
+    g.add_argument("--smoothing", type=float, help="label smoothing (default 0.1)")
     g.add_argument("--train-interpolation", default="bicubic")
-    g.add_argument("--repeated-aug", dest="repeated_aug", action="store_true", default=None)
+    g.add_argument("--repeated-aug", action="store_true", default=None)
     g.add_argument("--no-repeated-aug", dest="repeated_aug", action="store_false")
     g.add_argument("--ra-reps", type=int, default=3)
-    g.add_argument("--reprob", type=float, default=None, help="random erasing probability (IMNET: 0.25, DIGITS: 0)")
+    g.add_argument("--reprob", type=float, help="random erasing probability (IMNET: 0.25, DIGITS: 0)")
     g.add_argument("--remode", default="pixel")
     g.add_argument("--recount", type=int, default=1)
-    g.add_argument("--mixup", type=float, default=None, help="mixup alpha (IMNET: 0.8, DIGITS: 0)")
-    g.add_argument("--cutmix", type=float, default=None, help="cutmix alpha (IMNET: 1.0, DIGITS: 0)")
-    g.add_argument("--cutmix-minmax", type=float, nargs="+", default=None)
+    g.add_argument("--mixup", type=float, help="mixup alpha (IMNET: 0.8, DIGITS: 0)")
+    g.add_argument("--cutmix", type=float, help="cutmix alpha (IMNET: 1.0, DIGITS: 0)")
+    g.add_argument("--cutmix-minmax", type=float, nargs="+")
     g.add_argument("--mixup-prob", type=float, default=1.0)
     g.add_argument("--mixup-switch-prob", type=float, default=0.5)
     g.add_argument("--mixup-mode", default="batch")
@@ -106,134 +147,124 @@ def get_args_parser():
     g = p.add_argument_group("distillation")
     g.add_argument("--teacher-model", default="regnety_160", help="teacher for pretraining distillation")
     g.add_argument("--teacher-path", default="", help="teacher weights file (or a model file of this tool)")
-    g.add_argument("--distillation-type", default=None, choices=["none", "soft", "hard"],
+    g.add_argument("--distillation-type", choices=["none", "soft", "hard"],
                    help="pretrain: none; prune+finetune: soft, from the dense model")
     g.add_argument("--distillation-alpha", type=float, default=0.5)
     g.add_argument("--distillation-tau", type=float, default=1.0)
 
     g = p.add_argument_group("data and run")
-    g.add_argument("--data-path", "--data_path", dest="data_path", default=None, help="data root (train/ and val/)")
-    g.add_argument("--data-set", "--data_set", dest="data_set", default=None, type=str.upper,
+    g.add_argument("--data-path", "--data_path", help="data root (train/ and val/)")
+    g.add_argument("--data-set", "--data_set", type=str.upper,
                    choices=["DIGITS", "CLUTTERED_DIGITS", "IMNET", "IMAGEFOLDER", "CIFAR", "CIFAR10", "CIFAR100"],
                    help="DIGITS (embedded; the default without --data-path), CLUTTERED_DIGITS (embedded, harder: "
                         "a digit among clutter), IMNET (the default with --data-path, as in DeiT), IMAGEFOLDER, "
                         "CIFAR10, CIFAR/CIFAR100")
     g.add_argument("--download", action="store_true", help="download CIFAR if it is not under --data-path")
-    g.add_argument("--output_dir", "--output-dir", dest="output_dir", default="",
+    g.add_argument("--output_dir", "--output-dir", default="",
                    help="where checkpoints and logs go (empty: nothing saved)")
-    g.add_argument("--device", default=None, help="cuda when available, else cpu")
+    g.add_argument("--device", help="cuda when available, else cpu")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--finetune", default="", help="initialise from a file or URL (mismatched head dropped)")
-    g.add_argument("--resume", default="", help="checkpoint to resume, evaluate or compress (this tool's, DeiT's, timm's, .safetensors, a state "
-                        "dict); 'auto' = output_dir/checkpoint.pth; a fresh training in a used folder starts a new log")
-    g.add_argument("--start_epoch", "--start-epoch", dest="start_epoch", type=int, default=0)
+    g.add_argument("--resume", default="", help="checkpoint to resume, evaluate or compress (this tool's, DeiT's, "
+                   "timm's, .safetensors, a state dict); 'auto' = output_dir/checkpoint.pth; a fresh training in a "
+                   "used folder starts a new log")
+    g.add_argument("--start_epoch", "--start-epoch", type=int, default=0)
     g.add_argument("--eval", action="store_true", help="evaluate only")
     g.add_argument("--throughput", action="store_true", help="measure images/s, GMACs and params, then exit")
     g.add_argument("--compile", action="store_true", help="torch.compile the model for --throughput")
-    g.add_argument("--export", default="", metavar="FILE.onnx",
-                   help="export the --resume model to ONNX (dynamic batch, input 'input', output 'logits'), "
-                        "verify it in ONNX Runtime against PyTorch, and write FILE.json for deployers")
-    g.add_argument("--throughput-batch", type=int, default=None,
+    g.add_argument("--export", default="", metavar="FILE.onnx", help="export the --resume model to ONNX (dynamic "
+                   "batch, input 'input', output 'logits'), verify it in ONNX Runtime against PyTorch, and write "
+                   "FILE.json for deployers")
+    g.add_argument("--throughput-batch", type=POSITIVE,
                    help="batch for --throughput and the pipeline's speed table (IMNET: 64, DIGITS: 256)")
-    g.add_argument("--dist-eval", "--dist_eval", dest="dist_eval", action="store_true",
+    g.add_argument("--dist-eval", "--dist_eval", action="store_true",
                    help="shard evaluation over ranks (exact: every image counted once)")
-    g.add_argument("--num_workers", "--num-workers", dest="num_workers", type=int, default=None,
-                   help="data loader workers (IMNET: 10, DIGITS: 0)")
-    g.add_argument("--pin-mem", dest="pin_mem", action="store_true", default=None,
-                   help="pin loader memory (default: on with CUDA)")
+    g.add_argument("--num_workers", "--num-workers", type=int, help="data loader workers (IMNET: 10, DIGITS: 0)")
+    g.add_argument("--pin-mem", action="store_true", default=None, help="pin loader memory (default: on with CUDA)")
     g.add_argument("--no-pin-mem", dest="pin_mem", action="store_false")
     g.add_argument("--world_size", type=int, default=1, help="set by the launcher")
     g.add_argument("--dist_url", default="env://")
-    g.add_argument("--local-rank", "--local_rank", dest="local_rank", type=int, default=-1,
+    g.add_argument("--local-rank", "--local_rank", type=int, default=-1,
                    help="passed by legacy launchers; the environment is used otherwise")
-    g.add_argument("--amp", dest="amp", action="store_true", default=True, help="mixed precision on CUDA (default)")
+    g.add_argument("--amp", action="store_true", default=True, help="mixed precision on CUDA (default)")
     g.add_argument("--no-amp", dest="amp", action="store_false")
     g.add_argument("--log-every", type=int, default=20, help="log every N steps")
-    g.add_argument("--max-steps", type=int, default=None, help="cap steps per epoch (smoke tests)")
+    g.add_argument("--max-steps", type=int, help="cap steps per epoch (smoke tests)")
 
     g = p.add_argument_group("dependency criterion (ranking heads and neurons)")
-    g.add_argument("--criterion", default=None, choices=CRITERIA,
-                   help="how components are ranked (default taylor: first-order |activation x gradient|, which ranked "
-                        "best in our study, see README; hsic: the paper's dependency criterion, the default with "
-                        "--hsic-kernel original; magnitude: weight norms; random)")
-    g.add_argument("--criterion-batches", type=int, default=None,
-                   help="training batches (per process) the criterion averages over (default 4); a criterion "
-                        "batch holds max(--batch-size, 16) images")
+    g.add_argument("--criterion", choices=CRITERIA, help="how components are ranked (default taylor: first-order "
+                   "|activation x gradient|, which ranked best in our study, see README; hsic: the paper's "
+                   "dependency criterion, the default with --hsic-kernel original; magnitude: weight norms; random)")
+    g.add_argument("--criterion-batches", type=POSITIVE, help="training batches (per process) the criterion averages "
+                   "over (default 4); a criterion batch holds max(--batch-size, 16) images")
     g.add_argument("--head-lambda", type=float, default=0.1, help="weight of head redundancy")
     g.add_argument("--neuron-alpha", type=float, default=0.1, help="weight of neuron relevance vs |activation|")
-    g.add_argument("--head-alpha", type=float, default=1.0,
-                   help="weight of head dependency vs the head's contribution size (1 = dependency only, the paper's)")
-    g.add_argument("--neuron-magnitude", default="activation", choices=MAGNITUDES,
-                   help="size term mixed with dependency: mean |activation| (the paper's, neurons only), contribution "
-                        "(|activation| x fc2 column norm; heads: output through proj) or taylor (|activation x gradient|)")
-    g.add_argument("--no-head-normalize", dest="head_normalize", action="store_false", default=True,
-                   help="unnormalised head HSIC, as in the paper's formula (default: normalised; implied by --hsic-kernel original)")
-    g.add_argument("--hsic-kernel", default="scaled", choices=KERNELS,
-                   help="scaled (default: standardised features, distances scaled by feature length); original: "
-                        "the original code's kernel and scores exactly (raw features, bandwidths 1-16, one "
-                        "augmented batch in train mode, unnormalised heads)")
-    g.add_argument("--hsic-bandwidth", default=None, choices=["multi", "median"],
+    g.add_argument("--head-alpha", type=WEIGHT, default=1.0, help="weight of head dependency vs the head's "
+                   "contribution size (1 = dependency only, the paper's)")
+    g.add_argument("--neuron-magnitude", default="activation", choices=MAGNITUDES, help="size term mixed with "
+                   "dependency: mean |activation| (the paper's, neurons only), contribution (|activation| x fc2 "
+                   "column norm; heads: output through proj) or taylor (|activation x gradient|)")
+    g.add_argument("--no-head-normalize", dest="head_normalize", action="store_false", help="unnormalised head "
+                   "HSIC, as in the paper's formula (default: normalised; implied by --hsic-kernel original)")
+    g.add_argument("--hsic-kernel", default="scaled", choices=KERNELS, help="scaled (default: standardised "
+                   "features, distances scaled by feature length); original: the original code's kernel and scores "
+                   "exactly (raw features, bandwidths 1-16, one augmented batch in train mode, unnormalised heads)")
+    g.add_argument("--hsic-bandwidth", choices=["multi", "median"],
                    help="Gaussian kernel bandwidth rule (default: the criterion's, see README)")
 
     g = p.add_argument_group("search (GP expected improvement over per-block keep ratios)")
     g.add_argument("--search", action="store_true", help="search a pruning policy under a FLOPs budget")
-    g.add_argument("--search_flops", "--search-flops", dest="search_flops", type=float, default=None,
+    g.add_argument("--search_flops", "--search-flops", type=GMACS,
                    help="target GMACs (multiply-accumulates, the paper's FLOPs: DeiT-S dense = 4.6)")
-    g.add_argument("--search-reduction", type=float, default=None,
+    g.add_argument("--search-reduction", type=FRACTION,
                    help="target as a fraction of GMACs removed, e.g. 0.4 (instead of --search_flops)")
-    g.add_argument("--search_epoch", "--search-epoch", dest="search_epoch", type=int, default=None,
+    g.add_argument("--search_epoch", "--search-epoch", type=COUNT,
                    help="EI iterations after the initial population (IMNET: 100, DIGITS: 30)")
-    g.add_argument("--search_population", "--search-population", dest="search_population", type=int, default=None,
+    g.add_argument("--search_population", "--search-population", type=POSITIVE,
                    help="initial random feasible policies (IMNET: 100, DIGITS: 20)")
-    g.add_argument("--search-max-ratio", type=float, default=0.5, help="upper bound of every removal ratio")
-    g.add_argument("--search-tol", type=float, default=0.02, help="relative FLOPs tolerance of a feasible policy")
+    g.add_argument("--search-max-ratio", type=FRACTION, default=0.5, help="upper bound of every removal ratio")
+    g.add_argument("--search-tol", type=FRACTION, default=0.02, help="relative FLOPs tolerance of a feasible policy")
     g.add_argument("--search-mode", default="ei", choices=["ei", "random"], help="ei, or the random-search baseline")
-    g.add_argument("--search-objective", default="acc", choices=SEARCH_OBJECTIVES,
-                   help="what a candidate scores on the search split: top-1 (acc), -cross entropy (loss) or "
-                        "-KL(dense || candidate) (kl)")
-    g.add_argument("--search-pool", type=int, default=None,
+    g.add_argument("--search-objective", default="acc", choices=SEARCH_OBJECTIVES, help="what a candidate scores "
+                   "on the search split: top-1 (acc), -cross entropy (loss) or -KL(dense || candidate) (kl)")
+    g.add_argument("--search-pool", type=POSITIVE,
                    help="fresh feasible candidates scored by EI per step (IMNET: 10000, DIGITS: 1000)")
-    g.add_argument("--search-holdout", default=None,
-                   help="search split held out of the training set: a number of images (500) or a fraction "
-                        "in (0, 1) (0.2); default 20%% of the training set, at most 10000 images")
+    g.add_argument("--search-holdout", help="search split held out of the training set: a number of images (500) "
+                   "or a fraction in (0, 1) (0.2); default 20%% of the training set, at most 10000 images")
     g.add_argument("--search-on-val", action="store_true",
                    help="score candidates on the validation set (the paper's setting; biased)")
-    g.add_argument("--flops-convention", default="exact", choices=CONVENTIONS,
-                   help="what --search_flops / --search-reduction count: exact (every MAC; DeiT-S 4.60) or original "
-                        "(the original code's block-only count with int() rounding; DeiT-S 4.54, so 1.84 = its 60%% fewer)")
-    g.add_argument("--round-to", type=int, default=None,
-                   help="keep neuron counts at multiples of N (default 8: fast matrix shapes on CPUs and GPUs; 1 = exact "
-                        "ratios; 1 with --flops-convention original)")
+    g.add_argument("--flops-convention", default="exact", choices=CONVENTIONS, help="what --search_flops / "
+                   "--search-reduction count: exact (every MAC; DeiT-S 4.60) or original (the original code's "
+                   "block-only count with int() rounding; DeiT-S 4.54, so 1.84 = its 60%% fewer)")
+    g.add_argument("--round-to", type=POSITIVE, help="keep neuron counts at multiples of N (default 8: fast matrix "
+                   "shapes on CPUs and GPUs; 1 = exact ratios; 1 with --flops-convention original)")
     g.add_argument("--fuse", default="mean", choices=["mean", "weighted"], help="how dropped tokens are fused")
 
     g = p.add_argument_group("prune + finetune")
-    g.add_argument("--prune_finetune", "--prune-finetune", dest="prune_finetune", action="store_true",
+    g.add_argument("--prune_finetune", "--prune-finetune", action="store_true",
                    help="prune the --resume model by a policy and finetune it with distillation")
-    g.add_argument("--neuron_pruning", "--neuron-pruning", dest="neuron_pruning", action="store_true",
+    g.add_argument("--neuron_pruning", "--neuron-pruning", action="store_true",
                    help="prune MLP neurons (with none of the three flags: all dimensions)")
-    g.add_argument("--head_pruning", "--head-pruning", dest="head_pruning", action="store_true",
-                   help="prune attention heads")
-    g.add_argument("--token_pruning", "--token-pruning", dest="token_pruning", action="store_true",
-                   help="reduce tokens")
-    g.add_argument("--neuron_sparsity", "--neuron-sparsity", dest="neuron_sparsity", type=float, default=None,
+    g.add_argument("--head_pruning", "--head-pruning", action="store_true", help="prune attention heads")
+    g.add_argument("--token_pruning", "--token-pruning", action="store_true", help="reduce tokens")
+    g.add_argument("--neuron_sparsity", "--neuron-sparsity", type=RATE,
                    help="uniform fraction of neurons removed per block (instead of a searched policy)")
-    g.add_argument("--head_sparsity", "--head-sparsity", dest="head_sparsity", type=float, default=None,
-                   help="uniform fraction of heads removed per block")
-    g.add_argument("--token_sparsity", "--token-sparsity", dest="token_sparsity", type=float, default=None,
+    g.add_argument("--head_sparsity", "--head-sparsity", type=RATE, help="uniform fraction of heads removed per block")
+    g.add_argument("--token_sparsity", "--token-sparsity", type=RATE,
                    help="token-removal rate r (keep (1-r)^k at the k-th reduction)")
     g.add_argument("--policy", default="", help="policy JSON or a published policy name (hou2022-deit-s, "
                    "hou2022-deit-b); default: output_dir/search/best_policy.json")
-    g.add_argument("--recipe", default="ours", choices=["ours", "paper"],
-                   help="ours: --finetune-epochs/--finetune-lr with soft distillation from the dense model; paper: the "
-                        "original's settings (300 epochs, lr 5e-4, DeiT augmentation, no distillation) for every flag "
-                        "left at its default")
-    g.add_argument("--finetune-epochs", type=int, default=None, help="finetuning epochs (IMNET: 30, DIGITS: 15); 0 = prune only, no finetuning")
-    g.add_argument("--finetune-lr", type=float, default=None, help="finetuning base lr (IMNET: 5e-5, DIGITS: 2e-3)")
+    g.add_argument("--recipe", default="ours", choices=["ours", "paper"], help="ours: --finetune-epochs/"
+                   "--finetune-lr with soft distillation from the dense model; paper: the original's settings (300 "
+                   "epochs, lr 5e-4, DeiT augmentation, no distillation) for every flag left at its default")
+    g.add_argument("--finetune-epochs", type=COUNT,
+                   help="finetuning epochs (IMNET: 30, DIGITS: 15); 0 = prune only, no finetuning")
+    g.add_argument("--finetune-lr", type=float, help="finetuning base lr (IMNET: 5e-5, DIGITS: 2e-3)")
 
     g = p.add_argument_group("pipeline")
     g.add_argument("--pipeline", action="store_true",
                    help="pretrain, search and prune+finetune in one run, then print a dense-vs-compressed table")
-    g.add_argument("--pipeline-reductions", default="0.4,0.6",
+    g.add_argument("--pipeline-reductions", default="0.4,0.6", type=reductions,
                    help="comma-separated FLOPs reductions to search and finetune, e.g. 0.4,0.6")
     return p
 
@@ -286,19 +317,8 @@ def settle(args):
     cfg.device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cfg.pin_mem = cfg.device.startswith("cuda") if cfg.pin_mem is None else cfg.pin_mem
     cfg.search_holdout = datasets.parse_holdout(cfg.search_holdout)
-    cfg.pipeline_reductions = parse_reductions(cfg.pipeline_reductions)
     check_config(cfg)
     return cfg, ckpt
-
-
-def parse_reductions(text):
-    try:
-        reductions = [float(r) for r in str(text).split(",") if r.strip()]
-    except ValueError:
-        reductions = []
-    if not reductions or not all(0 < r < 1 for r in reductions):
-        raise utils.UserError(f"--pipeline-reductions must be comma-separated fractions in (0, 1), got {text}")
-    return reductions
 
 
 def resume_path(cfg):
@@ -317,23 +337,6 @@ def resume_path(cfg):
 def check_config(cfg):
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise utils.UserError(f"--device {cfg.device} asked for but CUDA is not available")
-    positive = ("batch_size", "epochs", "input_size", "criterion_batches", "search_population", "search_pool",
-                "round_to", "throughput_batch")
-    for name in positive + ("search_epoch", "finetune_epochs"):
-        value = getattr(cfg, name)
-        if value is not None and value < (1 if name in positive else 0):
-            raise utils.UserError(f"--{name.replace('_', '-')} must be {'positive' if name in positive else '>= 0'}, "
-                            f"got {value}")
-    for name, low in (("search_max_ratio", 0), ("search_tol", 0), ("search_reduction", 0)):
-        value = getattr(cfg, name)
-        if value is not None and not low < value < 1:
-            raise utils.UserError(f"--{name.replace('_', '-')} must be in (0, 1), got {value}")
-    if not 0 <= cfg.head_alpha <= 1:
-        raise utils.UserError(f"--head-alpha must be in [0, 1], got {cfg.head_alpha}")
-    for name in ("head_sparsity", "neuron_sparsity", "token_sparsity"):
-        value = getattr(cfg, name)
-        if value is not None and not 0 <= value < 1:
-            raise utils.UserError(f"--{name} must be in [0, 1), got {value}")
     trains = not (cfg.eval or cfg.search or cfg.throughput) or cfg.prune_finetune or cfg.pipeline
     if trains and (cfg.mixup > 0 or cfg.cutmix > 0) and cfg.batch_size % 2:
         raise utils.UserError(f"mixup/cutmix need an even --batch-size, got {cfg.batch_size} (or pass --mixup 0 --cutmix 0)")
@@ -341,8 +344,6 @@ def check_config(cfg):
         raise utils.UserError("--pipeline needs --output_dir")
     if cfg.search_flops is not None and cfg.search_reduction is not None:
         raise utils.UserError("give either --search_flops or --search-reduction, not both")
-    if cfg.search_flops is not None and cfg.search_flops <= 0:
-        raise utils.UserError(f"--search_flops must be positive GMACs, got {cfg.search_flops}")
 
 
 class Context:
@@ -496,26 +497,18 @@ def run_search(ctx):
     train_plain, ncls = datasets.build_dataset(True, ctx.data, train_transform=False)
     dense, arch = load_dense(ctx, ncls)
     dense_gmacs = flops.model_macs(dense, convention=cfg.flops_convention)["macs"] / 1e9
-    if cfg.search_flops is None and cfg.search_reduction is None:
-        raise utils.UserError(f"--search needs a budget: --search_flops GMACS (the dense model has {dense_gmacs:.3f}) "
-                              f"or --search-reduction FRACTION")
-    target = cfg.search_flops if cfg.search_flops is not None else dense_gmacs * (1 - cfg.search_reduction)
     settings = engine.SearchSettings.take(cfg, active=active_dims(cfg))
-    sampler = settings.space(pruning.model_dims(dense), target)
+    sampler = settings.space(pruning.model_dims(dense), settings.target(dense_gmacs))
     split, split_desc = datasets.search_split(train_plain, datasets.build_dataset(False, ctx.data)[0],
                                               cfg.search_holdout, cfg.search_on_val, cfg.seed)
-    identity = {"target_gmacs": target, "seed": cfg.seed, "mode": cfg.search_mode, "criterion": criterion_settings(cfg),
-                "objective": cfg.search_objective, "active": sampler.active.tolist(), "max_ratio": cfg.search_max_ratio,
-                "tol": cfg.search_tol, "round_to": cfg.round_to, "fuse": cfg.fuse, "dense": arch["model"],
-                "split": split_desc, "convention": cfg.flops_convention, "population": cfg.search_population,
-                "pool": cfg.search_pool}
     low, high = sampler.reachable_range()
-    logger.info(f"search: {cfg.search_mode} over {int(sampler.active.sum())} ratios, target {target:.4g} GMACs (dense "
-                f"{dense_gmacs:.4g}, reachable {low:.4g}-{high:.4g}), {cfg.search_population + cfg.search_epoch} "
+    logger.info(f"search: {cfg.search_mode} over {int(sampler.active.sum())} ratios, target {sampler.target:.4g} GMACs "
+                f"(dense {dense_gmacs:.4g}, reachable {low:.4g}-{high:.4g}), {cfg.search_population + cfg.search_epoch} "
                 f"evaluations on {split_desc}")
     return engine.search_policy(
         dense, lambda: rank_dense(ctx, dense, train_plain), datasets.split_loader(split, ctx.data, ctx.distributed),
-        sampler, settings, ctx.device, ctx.amp, out, identity,
+        sampler, settings, ctx.device, ctx.amp, out, {"criterion": criterion_settings(cfg), "dense": arch["model"],
+                                                      "split": split_desc},
         datasets.build_loaders(ctx.data, ctx.distributed, train=False)["val"], dict(
             criterion=cfg.criterion, split=split_desc, model=arch["model"], input_size=arch["input_size"]),
         ctx.distributed, ctx.rank)["result"]
@@ -528,17 +521,16 @@ def run_prune_finetune(ctx):
     policy, source, rankings = pruning.resolve_policy(
         pruning.model_dims(dense)["depth"], (cfg.head_sparsity, cfg.neuron_sparsity, cfg.token_sparsity), cfg.policy,
         os.path.join(ctx.out, "search", "best_policy.json") if ctx.out else "", active_dims(cfg))
-    recipe, settings = make_recipe(cfg, ctx.world_size, finetune=True), engine.SearchSettings.take(cfg)
-    identity = {"dense": os.path.abspath(cfg.resume), "policy": policy, "round_to": cfg.round_to, "fuse": cfg.fuse,
-                "rounding": settings.rounding, "rankings": "search" if rankings else criterion_settings(cfg),
-                "recipe": {k: v for k, v in recipe.as_dict().items() if k not in ("epochs", "log_every", "max_steps")}}
     logger.info(f"policy from {source}; components kept by the rankings " + (
         "the search scored its policies with" if rankings else f"of the {cfg.criterion} criterion"))
     return engine.prune_finetune(
         dense, dense_arch, policy, rankings or (lambda: rank_dense(
-            ctx, dense, datasets.build_dataset(True, ctx.data, train_transform=False)[0])), data, recipe, ctx.device,
-        settings, os.path.join(ctx.out, "prune_finetune") if ctx.out else None, identity, ctx.distributed, ctx.amp,
-        ctx.rank, extra={"args": utils.primitives(vars(cfg))}, record={"policy": policy, "policy_source": source})
+            ctx, dense, datasets.build_dataset(True, ctx.data, train_transform=False)[0])), data,
+        make_recipe(cfg, ctx.world_size, finetune=True), ctx.device, engine.SearchSettings.take(cfg),
+        os.path.join(ctx.out, "prune_finetune") if ctx.out else None,
+        {"dense": os.path.abspath(cfg.resume), "rankings": "search" if rankings else criterion_settings(cfg)},
+        ctx.distributed, ctx.amp, ctx.rank, extra={"args": utils.primitives(vars(cfg))},
+        record={"policy": policy, "policy_source": source})
 
 
 def run_pipeline(ctx):
@@ -604,15 +596,16 @@ def main(args):
 
 
 def cli(argv=None):
-    args = argparse.ArgumentParser("main.py", parents=[get_args_parser()]).parse_args(argv)
-    try:
-        main(args)
-    except (utils.UserError, pruning.SpecError, ei.InfeasibleTarget) as e:
+    try:  # a bad flag is answered before torch is imported
+        args = Parser("main.py", parents=[get_args_parser()]).parse_args(argv)
+    except FlagError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except engine.NonFiniteLoss as e:
+    try:
+        main(args)
+    except (utils.UserError, pruning.SpecError, ei.InfeasibleTarget, engine.NonFiniteLoss) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 3
+        return 3 if isinstance(e, engine.NonFiniteLoss) else 2
     except KeyboardInterrupt:
         print("interrupted: the last finished epoch's checkpoint is intact; rerun with --resume auto", file=sys.stderr)
         return 130

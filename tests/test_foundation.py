@@ -198,6 +198,9 @@ def test_help_lists_seed_flags():
     (["--model", "deit_smal_patch16_224"], "unknown model 'deit_smal_patch16_224'; did you mean"),
     (["--eval", "--resume", "/no/such.pth"], "checkpoint not found: /no/such.pth"),
     (["--batch-size", "0"], "--batch-size must be positive"),
+    (["--bogus"], "unrecognized arguments: --bogus"),
+    (["--search_flops", "1", "--search-reduction", "0.4"], "either --search_flops or --search-reduction, not both"),
+    (["--pipeline-reductions", "0.4,1"], "--pipeline-reductions must be comma-separated fractions"),
 ])
 def test_bad_input_one_line_errors(argv, message):
     code, _, err = run_cli(argv + ["--epochs", "1"])

@@ -1,6 +1,7 @@
 """engine.search_policy and engine.prune_finetune called from Python with run folders: what main.py's
 --search and --prune_finetune run, checked without the CLI (resume replays, refusals, rankings
 computed only when needed)."""
+import dataclasses
 import json
 import os
 
@@ -78,6 +79,10 @@ def test_search_policy_folder_resumes_by_replay_and_refuses_another_search(setup
     with pytest.raises(utils.UserError, match="another search run"):
         engine.search_policy(model, setup["rankings"], setup["held_out"], sampler, settings, CPU, out=out,
                              identity=dict(identity, seed=2))
+    # the settings define the search by themselves: another tolerance is refused with no caller identity
+    with pytest.raises(utils.UserError, match="tol 0.02 -> 0.05"):
+        engine.search_policy(model, setup["rankings"], setup["held_out"], sampler,
+                             dataclasses.replace(settings, search_tol=0.05), CPU, out=out, identity=identity)
 
 
 def test_prune_finetune_folder_continues_and_refuses_another_policy(setup, tmp_path):
@@ -104,3 +109,7 @@ def test_prune_finetune_folder_continues_and_refuses_another_policy(setup, tmp_p
     with pytest.raises(utils.UserError, match="another prune\\+finetune run"):
         engine.prune_finetune(model, setup["arch"], other, setup["rankings"], setup["data"], recipe, CPU,
                               run_dir=run_dir, identity={"policy": other})
+    # the policy and recipe define the run by themselves, with no identity from the caller
+    with pytest.raises(utils.UserError, match="policy"):
+        engine.prune_finetune(model, setup["arch"], other, setup["rankings"], setup["data"], recipe, CPU,
+                              run_dir=run_dir)
