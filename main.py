@@ -467,7 +467,7 @@ def load_dense(ctx, num_classes):
     model, arch, _ = load_model(ctx, num_classes)
     if arch.get("prune_spec"):
         raise utils.UserError(f"{ctx.cfg.resume} is already compressed; pass the dense checkpoint to --resume")
-    return model.to(ctx.device).eval(), arch
+    return model.to(ctx.device).eval(), arch, models.weights_fingerprint(model)
 
 
 def criterion_settings(cfg):
@@ -495,7 +495,7 @@ def active_dims(cfg):
 def run_search(ctx):
     cfg, out = ctx.cfg, os.path.join(ctx.out, "search") if ctx.out else None
     train_plain, ncls = datasets.build_dataset(True, ctx.data, train_transform=False)
-    dense, arch = load_dense(ctx, ncls)
+    dense, arch, weights = load_dense(ctx, ncls)
     dense_gmacs = flops.model_macs(dense, convention=cfg.flops_convention)["macs"] / 1e9
     settings = engine.SearchSettings.take(cfg, active=active_dims(cfg))
     sampler = settings.space(pruning.model_dims(dense), settings.target(dense_gmacs))
@@ -508,16 +508,17 @@ def run_search(ctx):
     return engine.search_policy(
         dense, lambda: rank_dense(ctx, dense, train_plain), datasets.split_loader(split, ctx.data, ctx.distributed),
         sampler, settings, ctx.device, ctx.amp, out, {"criterion": criterion_settings(cfg), "dense": arch["model"],
-                                                      "split": split_desc},
+                                                      "dense_weights": weights, "split": split_desc},
         datasets.build_loaders(ctx.data, ctx.distributed, train=False)["val"], dict(
-            criterion=cfg.criterion, split=split_desc, model=arch["model"], input_size=arch["input_size"]),
+            criterion=cfg.criterion, split=split_desc, model=arch["model"], input_size=arch["input_size"],
+            dense_weights=weights),
         ctx.distributed, ctx.rank)["result"]
 
 
 def run_prune_finetune(ctx):
     cfg = ctx.cfg
     data = datasets.build_loaders(ctx.data, ctx.distributed)
-    dense, dense_arch = load_dense(ctx, data["num_classes"])
+    dense, dense_arch, weights = load_dense(ctx, data["num_classes"])
     policy, source, rankings = pruning.resolve_policy(
         pruning.model_dims(dense)["depth"], (cfg.head_sparsity, cfg.neuron_sparsity, cfg.token_sparsity), cfg.policy,
         os.path.join(ctx.out, "search", "best_policy.json") if ctx.out else "", active_dims(cfg))
@@ -528,9 +529,9 @@ def run_prune_finetune(ctx):
             ctx, dense, datasets.build_dataset(True, ctx.data, train_transform=False)[0])), data,
         make_recipe(cfg, ctx.world_size, finetune=True), ctx.device, engine.SearchSettings.take(cfg),
         os.path.join(ctx.out, "prune_finetune") if ctx.out else None,
-        {"dense": os.path.abspath(cfg.resume), "rankings": "search" if rankings else criterion_settings(cfg)},
+        {"dense_weights": weights, "rankings": "search" if rankings else criterion_settings(cfg)},
         ctx.distributed, ctx.amp, ctx.rank, extra={"args": utils.primitives(vars(cfg))},
-        record={"policy": policy, "policy_source": source})
+        record={"policy": policy, "policy_source": source, "dense_weights": weights})
 
 
 def run_pipeline(ctx):
@@ -542,7 +543,7 @@ def run_pipeline(ctx):
     logger.info(f"pipeline 1/3: pretraining {cfg.model} into {dense_dir}")
     exists = utils.decide_on_rank0(lambda: os.path.exists(dense_ckpt))
     run_train(ctx.derive(dense_dir, resume=dense_ckpt if exists else "", eval=False, search=False, prune_finetune=False))
-    rows = []
+    rows, weights = [], models.weights_fingerprint(models.load(dense_ckpt)[0])
     for r in cfg.pipeline_reductions:
         sub = os.path.join(ctx.out, f"reduce{round(100 * r)}")
         step = ctx.derive(sub, resume=dense_ckpt, search_reduction=r, search_flops=None,
@@ -550,8 +551,12 @@ def run_pipeline(ctx):
 
         def finished(name, path):
             if os.path.exists(path):
+                done = json.load(open(path))
+                if done.get("dense_weights", weights) != weights:
+                    raise utils.UserError(f"the {name} in {path} started from other weights than {dense_ckpt} holds "
+                                          f"now (retrained?); delete {sub} to redo it, or use another --output_dir")
                 logger.info(f"pipeline: using the finished {name} in {path}")
-                return json.load(open(path))
+                return done
         found = utils.decide_on_rank0(lambda: finished("search", step.cfg.policy))
         if found is None:
             logger.info(f"pipeline 2/3: searching a policy with {100 * r:.0f}% fewer GMACs")

@@ -7,6 +7,7 @@ Every checkpoint this project writes carries an ``arch`` entry of primitives:
 """
 import copy
 import difflib
+import hashlib
 import logging
 import os
 import warnings
@@ -226,6 +227,17 @@ def inspect_checkpoint(ckpt, path):
 def class_mismatch_error(path, file_classes, data_classes):
     return CheckpointError(f"{path} has a {file_classes}-class head but the data set has {data_classes} classes; "
                            f"to adapt it to this data set train from it with --finetune {path} (a new head)")
+
+
+def weights_fingerprint(model):
+    """A short hash of ``model``'s weights (names, dtypes, shapes, bytes): which dense model a search
+    or a finetuning started from, wherever its file lies now and whatever it is called."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def load(path, model_name=None, input_size=None, num_classes=None, mean=None, std=None, ckpt=None,

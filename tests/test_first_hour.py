@@ -183,6 +183,31 @@ def test_prune_uses_the_searched_rankings_and_refuses_a_changed_run(pico_dense, 
     one_line_error(code, err, "target_gmacs")
 
 
+@pytest.mark.slow
+def test_steps_follow_the_dense_weights_not_the_file_path(pico_dense, tmp_path):
+    """A moved copy of the dense file continues its search and finetuning; a retrained dense model
+    (same name, same path, other weights) is refused instead of silently reusing the old results."""
+    import shutil
+    out, moved = tmp_path / "logs", tmp_path / "moved" / "dense.pth"
+    moved.parent.mkdir()
+    shutil.copy(pico_dense, moved)
+    search = FAST + ["--output_dir", out, "--eval", "--search", "--search-reduction", "0.4"] + SEARCH
+    prune = FAST + ["--output_dir", out, "--prune_finetune", "--finetune-epochs", "1", "--max-steps", "2"]
+    for dense in (pico_dense, moved):  # the second time: same weights elsewhere, so the same runs continue
+        code, _, err = run_cli(search + ["--resume", dense])
+        assert code == 0, err
+        code, _, err = run_cli(prune + ["--resume", dense])
+        assert code == 0, err
+    assert len(utils.read_jsonl(str(out / "search" / "search_log.jsonl"))) == 3  # replayed, not searched again
+    ckpt = torch.load(moved, map_location="cpu", weights_only=True)
+    ckpt["model"]["head.bias"] = ckpt["model"]["head.bias"] + 0.5  # "retrained" in place
+    torch.save(ckpt, moved)
+    code, _, err = run_cli(search + ["--resume", moved])
+    one_line_error(code, err, "dense_weights")
+    code, _, err = run_cli(prune + ["--resume", moved])
+    one_line_error(code, err, "dense_weights")
+
+
 def test_eval_resume_auto_without_checkpoint_is_refused(tmp_path):
     code, _, err = run_cli(FAST + ["--eval", "--resume", "auto", "--output_dir", tmp_path])
     one_line_error(code, err, "found no checkpoint")

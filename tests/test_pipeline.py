@@ -113,6 +113,11 @@ def test_pipeline_smoke(tmp_path):
     for row, r in zip(summary["rows"][1:], (0.4, 0.6)):
         assert abs(row["gmacs"] - dense * (1 - r)) <= 0.02 * dense * (1 - r)
     assert "| dense |" in out
+    # a longer pretraining changes the dense weights: the finished searches no longer belong to it
+    code, out, err = run_cli(FAST + ["--pipeline", "--epochs", "2", "--max-steps", "4", "--search_population", "3",
+                                     "--search_epoch", "2", "--finetune-epochs", "1", "--search-holdout", "50",
+                                     "--pipeline-reductions", "0.4,0.6", "--output_dir", tmp_path])
+    assert code == 2 and "started from other weights" in err and "reduce40" in err, err
 
 
 @pytest.mark.slow
