@@ -608,12 +608,15 @@ def cli(argv=None):
         return 2
     try:
         main(args)
+    except KeyboardInterrupt:  # first: the clause below imports torch, which may be what was interrupted
+        steps = args.search or args.prune_finetune or args.pipeline
+        print("interrupted" + ("; rerun the same command to continue" if steps else "" if args.eval or args.throughput
+                               or args.export else "; the last finished epoch's checkpoint is intact: rerun with "
+                               "--resume auto to continue"), file=sys.stderr)
+        return 130
     except (utils.UserError, pruning.SpecError, ei.InfeasibleTarget, engine.NonFiniteLoss) as e:
         print(f"error: {e}", file=sys.stderr)
         return 3 if isinstance(e, engine.NonFiniteLoss) else 2
-    except KeyboardInterrupt:
-        print("interrupted: the last finished epoch's checkpoint is intact; rerun with --resume auto", file=sys.stderr)
-        return 130
     return 0
 
 

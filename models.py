@@ -13,7 +13,6 @@ import os
 import warnings
 
 import numpy as np
-import onnxruntime
 import timm
 import torch
 import torch.nn as nn
@@ -429,6 +428,7 @@ def onnx_session(path, threads=0, spinning=True, optimized_path=None):
     ``spinning=False`` stops idle worker threads from busy-waiting after a run (fair when
     interleaving with other work on the same cores); ``optimized_path`` saves the optimised graph.
     """
+    onnxruntime = _onnxruntime()
     opts = onnxruntime.SessionOptions()
     opts.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads:
@@ -500,12 +500,14 @@ def export_onnx(model, path, arch, sample=None, opset=ONNX_OPSET, atol=1e-4, exp
 
     Returns that JSON content as a dict, plus ``onnx_path`` and ``json_path``.
     """
-
-
     import flops  # here, not at the top: flops imports models
 
     if exporter not in ONNX_EXPORTERS:
         raise ExportError(f"unknown exporter {exporter!r}; choose one of {', '.join(ONNX_EXPORTERS)}")
+    if os.path.isdir(path) or os.fspath(path).endswith(("/", os.sep)) or not os.path.basename(os.fspath(path)):
+        raise ExportError(f"{path} is a folder; name the ONNX file to write, e.g. "
+                          f"{os.path.join(os.fspath(path), 'model.onnx')}")
+    _onnxruntime()  # before the export, which takes a while
     if int(opset) < 17:
         raise ExportError(f"opset {opset} is too old: LayerNormalization needs opset 17 or newer")
     height, width = check_exportable(model)
@@ -585,4 +587,15 @@ def onnx_json_path(path):
 
 
 def _onnxruntime_version():
-    return onnxruntime.__version__
+    return _onnxruntime().__version__
+
+
+def _onnxruntime():
+    """ONNX Runtime, imported here only: training, search and pruning run without it (and without
+    its import time); only export and its verification need it."""
+    try:
+        import onnxruntime
+    except ImportError as e:
+        raise ExportError(f"exporting verifies the ONNX file in ONNX Runtime, which is not installed "
+                          f"({clean_message(e)}): pip install onnxruntime") from e
+    return onnxruntime

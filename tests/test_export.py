@@ -8,6 +8,7 @@ reduction would fail.
 import copy
 import json
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -20,6 +21,7 @@ import flops
 import models
 import pruning
 from pruning import apply_spec, model_dims, policy_to_spec, uniform_policy
+from helpers import run_subprocess
 from utils import UserError
 
 pytestmark = pytest.mark.slow  # CLI runs, subprocesses or ONNX exports: out of the fast lane
@@ -188,6 +190,23 @@ def test_other_refusals_are_one_line(tmp_path):
     with pytest.raises(models.ExportError, match="opset 16 is too old"):
         models.export_onnx(model, tmp_path / "d.onnx", arch_of(model), opset=16)
     assert list(tmp_path.iterdir()) == []
+    (tmp_path / "folder").mkdir()
+    for folder in (tmp_path / "folder", f"{tmp_path}/new/"):  # an existing folder, a path ending in '/'
+        with pytest.raises(models.ExportError, match="is a folder; name the ONNX file to write"):
+            models.export_onnx(model, folder, arch_of(model))
+    assert list(tmp_path.iterdir()) == [tmp_path / "folder"] and not any((tmp_path / "folder").iterdir())
+
+
+def test_only_export_needs_onnxruntime(tmp_path):
+    """Without ONNX Runtime installed, training and evaluation still run; export says what to install."""
+    code = ("import sys\nsys.modules['onnxruntime'] = None  # as if not installed\nimport main\n"
+            f"print('exit', main.cli(['--model', 'vit_pico_patch8_32', '--epochs', '1', '--max-steps', '1', "
+            f"'--batch-size', '16', '--output_dir', {str(tmp_path)!r}]))\n"
+            f"print('exit', main.cli(['--export', {str(tmp_path / 'm.onnx')!r}, '--resume', "
+            f"{str(tmp_path / 'checkpoint.pth')!r}]))")
+    res = run_subprocess([sys.executable, "-c", code])
+    assert res.stdout.split() [-4:] == ["exit", "0", "exit", "2"], res.stdout + res.stderr
+    assert "Traceback" not in res.stderr and "pip install onnxruntime" in res.stderr.strip().splitlines()[-1]
 
 
 def test_verify_fails_when_the_file_is_not_this_model(exported):

@@ -364,3 +364,21 @@ def test_resume_restores_the_log_line_a_kill_lost(tmp_path):
     records = utils.read_jsonl(str(log))
     assert [r["epoch"] for r in records] == [0, 1, 2]
     assert json.dumps(records[1]) == lines[1]
+
+
+def test_interrupt_says_how_each_mode_continues(monkeypatch):
+    """Ctrl-C: training continues with --resume auto; search, prune+finetune and the pipeline
+    continue by rerunning the same command (their folders hold the log and checkpoint)."""
+    import main
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(main, "settle", interrupted)
+    for argv, hint in ((["--epochs", "1"], "rerun with --resume auto"),
+                       (["--eval", "--search"], "rerun the same command"),
+                       (["--prune_finetune"], "rerun the same command"),
+                       (["--pipeline"], "rerun the same command"),
+                       (["--eval"], None)):
+        code, _, err = run_cli(argv)
+        assert code == 130 and err.startswith("interrupted") and err.count("\n") == 1, err
+        assert (hint in err) if hint else ("rerun" not in err), err
