@@ -370,8 +370,18 @@ def check_folder_layout(root, data_set="IMAGEFOLDER"):
                         f"({len(train_cls)} vs {len(val_cls)}; only in train: {only_train}, only in val: {only_val})")
 
 
+class VisibleImageFolder(ImageFolder):
+    """ImageFolder whose classes are the visible sub-folders, as check_folder_layout sees them: a
+    .thumbs or .ipynb_checkpoints folder is not a class."""
+
+    def find_classes(self, directory):
+        classes = _class_folders(directory)
+        return classes, {name: i for i, name in enumerate(classes)}
+
+
 class SafeImageFolder(Dataset):
-    """torchvision ImageFolder that survives unreadable images, warning once per file.
+    """torchvision ImageFolder that survives unreadable images, warning once per file (and per
+    loader worker).
 
     Training (``skip=False``) replaces an unreadable image by the next readable one, so batches
     keep their size. Evaluation (``skip=True``) drops it: ``collate`` leaves it out of the batch,
@@ -379,7 +389,7 @@ class SafeImageFolder(Dataset):
 
     def __init__(self, root, transform=None, skip=False):
         try:
-            self.inner = ImageFolder(root, transform=transform)
+            self.inner = VisibleImageFolder(root, transform=transform)
         except (FileNotFoundError, RuntimeError) as e:
             raise DataError(f"{root}: {str(e).splitlines()[0]}") from e
         if len(self.inner) == 0:

@@ -219,6 +219,22 @@ def test_empty_and_mismatched_folders(tmp_path):
     assert code == 2 and "class folders differ" in err and "only in val: ['z']" in err
 
 
+def test_hidden_folders_are_not_classes(tmp_path):
+    """A thumbnail cache or notebook checkpoint folder beside the classes is ignored, as the layout
+    check ignores it (it used to become class 0 or crash training with an index error)."""
+    import shutil
+    root = make_image_folder(str(tmp_path / "imgs"), classes=("a", "b", "c"), per_class=(8, 4))
+    for split, hidden in (("train", ".thumbs"), ("val", ".ipynb_checkpoints")):
+        os.makedirs(os.path.join(root, split, hidden))
+        shutil.copy(os.path.join(root, split, "a", "0.png"), os.path.join(root, split, hidden, "0.png"))
+    train = datasets.SafeImageFolder(os.path.join(root, "train"))
+    assert train.classes == ["a", "b", "c"] and len(train) == 24 and sorted(set(train.targets)) == [0, 1, 2]
+    code, _, err = run_cli(["--data-path", root, "--model", "vit_pico_patch8_32", "--input-size", "32",
+                            "--batch-size", "8", "--epochs", "1", "--output_dir", tmp_path / "out"])
+    assert code == 0, err
+    assert models.load(str(tmp_path / "out" / "checkpoint.pth"))[1]["num_classes"] == 3
+
+
 def test_corrupt_and_foreign_checkpoints_via_cli(tmp_path):
     bad = tmp_path / "bad.pth"
     bad.write_text("garbage")
