@@ -612,7 +612,10 @@ def search_policy(dense, rankings, loader, sampler, settings, device, amp=False,
     if out and rank == 0:
         write_json_atomic(os.path.join(out, "rankings.json"), rankings)
     total = settings.search_population + settings.search_epoch
-    if history:
+    if len(history) > total:
+        logger.info(f"search: {out}/search_log.jsonl holds {len(history)} evaluations; a search of {total} takes the "
+                    f"first {total}, as an uninterrupted one would (the log keeps all {len(history)})")
+    elif history:
         logger.info(f"search: resuming after {len(history)} of {total} evaluations")
     score = policy_scorer(dense, rankings, loader, device, settings.search_objective, settings.round_to,
                           settings.fuse, settings.rounding, settings.flops_convention, amp,

@@ -69,6 +69,13 @@ def test_search_policy_folder_resumes_by_replay_and_refuses_another_search(setup
     assert len(utils.read_jsonl(os.path.join(out, "search_log.jsonl"))) == 5
     assert again["result"]["policy"] == res["policy"] and again["result"]["search_score"] == res["search_score"]
 
+    # a shorter search in the same folder is the first evaluations of the log, which keeps them all
+    shorter = engine.search_policy(model, setup["rankings"], setup["held_out"], sampler,
+                                   dataclasses.replace(settings, search_epoch=1), CPU, out=out, identity=identity)
+    log = utils.read_jsonl(os.path.join(out, "search_log.jsonl"))
+    assert len(log) == 5 and shorter["result"]["evaluations"] == 4
+    assert shorter["result"]["search_score"] == max(r["y"] for r in log[:4])
+
     # an interrupted search (log cut after 2 records) continues to the same history as the whole run
     log = utils.read_jsonl(os.path.join(out, "search_log.jsonl"))
     utils.write_jsonl(os.path.join(out, "search_log.jsonl"), log[:2])
