@@ -299,7 +299,12 @@ def fit(model, train_loader, val_loader, recipe, device, num_classes, run_dir=No
     if resume is not None:
         load_state_strict(inner, resume["model"], "the resumed checkpoint")
         optimizer.load_state_dict(resume["optimizer"])
-        scheduler.load_state_dict(resume["lr_scheduler"])
+        planned = (resume.get("recipe") or {}).get("epochs", recipe.epochs)
+        if planned == recipe.epochs:
+            scheduler.load_state_dict(resume["lr_scheduler"])
+        else:  # the old schedule would keep the minimum lr for every epoch past its end
+            logger.info(f"{tag}: {recipe.epochs} epochs instead of the checkpoint's {planned}: the learning-rate "
+                        f"schedule is rebuilt for {recipe.epochs} epochs")
         if scaler is not None and resume.get("scaler"):
             scaler.load_state_dict(resume["scaler"])
         if model_ema is not None and isinstance(resume.get("model_ema"), dict):

@@ -366,6 +366,18 @@ def test_resume_restores_the_log_line_a_kill_lost(tmp_path):
     assert json.dumps(records[1]) == lines[1]
 
 
+def test_longer_training_rebuilds_the_schedule(tmp_path):
+    """--epochs 4 --resume auto after a 2-epoch run trains epochs 2-3 on a 4-epoch schedule; the
+    restored 2-epoch schedule kept the minimum lr (1e-5) for every added epoch."""
+    out = tmp_path / "run"
+    assert run_cli(TINY[:-2] + ["--epochs", "2", "--output_dir", out])[0] == 0
+    code, _, err = run_cli(TINY[:-2] + ["--epochs", "4", "--output_dir", out, "--resume", "auto"])
+    assert code == 0, err
+    records = utils.read_jsonl(str(out / "log.jsonl"))
+    assert [r["epoch"] for r in records] == [0, 1, 2, 3]
+    assert records[2]["train_lr"] > 10 * 1e-5 and records[3]["train_lr"] < records[2]["train_lr"], records
+
+
 def test_interrupt_says_how_each_mode_continues(monkeypatch):
     """Ctrl-C: training continues with --resume auto; search, prune+finetune and the pipeline
     continue by rerunning the same command (their folders hold the log and checkpoint)."""
