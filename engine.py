@@ -313,6 +313,8 @@ def fit(model, train_loader, val_loader, recipe, device, num_classes, run_dir=No
         best = resume.get("best", best)
         logger.info(f"{tag}: resumed at epoch {start_epoch}")
     log_path = os.path.join(run_dir, "log.jsonl") if run_dir else None
+    if run_dir and rank == 0 and resume is None:
+        _keep_previous_run(run_dir, tag)
     if log_path and rank == 0:  # only rank 0 writes the log; a restart must not append to a stale one
         _trim_log(log_path, start_epoch, resume)
 
@@ -352,6 +354,21 @@ def fit(model, train_loader, val_loader, recipe, device, num_classes, run_dir=No
                          stats, dict(extra or {}, log_record=record))
             append_jsonl(log_path, record)
     return stats
+
+
+def _keep_previous_run(run_dir, tag):
+    """A fresh run in a folder that holds another one (a rerun without --resume): the old run's
+    files are renamed beside it (checkpoint.previous.pth, ...), not overwritten."""
+    names = [n for n in ("checkpoint.pth", "best.pth", "log.jsonl") if os.path.exists(os.path.join(run_dir, n))]
+    if "checkpoint.pth" not in names:
+        return
+    kept = []
+    for name in names:
+        stem, ext = os.path.splitext(name)
+        kept.append(f"{stem}.previous{ext}")
+        os.replace(os.path.join(run_dir, name), os.path.join(run_dir, kept[-1]))
+    logger.warning(f"{tag}: {run_dir} held a run and this one starts afresh (no --resume); the old run's files are "
+                   f"kept as {', '.join(kept)} (--resume auto continues a run instead)")
 
 
 def _trim_log(log_path, start_epoch, resume):

@@ -166,8 +166,8 @@ def get_args_parser():
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--finetune", default="", help="initialise from a file or URL (mismatched head dropped)")
     g.add_argument("--resume", default="", help="checkpoint to resume, evaluate or compress (this tool's, DeiT's, "
-                   "timm's, .safetensors, a state dict); 'auto' = output_dir/checkpoint.pth; a fresh training in a "
-                   "used folder starts a new log")
+                   "timm's, .safetensors, a state dict); 'auto' = output_dir/checkpoint.pth; without it a training in a "
+                   "used folder starts afresh, keeping the old run as checkpoint.previous.pth etc.")
     g.add_argument("--start_epoch", "--start-epoch", type=int, default=0)
     g.add_argument("--eval", action="store_true", help="evaluate only")
     g.add_argument("--throughput", action="store_true", help="measure images/s, GMACs and params, then exit")

@@ -333,6 +333,9 @@ def test_restarted_training_starts_a_new_log(tmp_path):
     assert run_cli(TINY + ["--output_dir", out])[0] == 0  # a fresh run in the same folder
     epochs = [r["epoch"] for r in utils.read_jsonl(str(out / "log.jsonl"))]
     assert epochs == [0]
+    # ... and the run it replaced is kept beside it, not overwritten
+    assert [r["epoch"] for r in utils.read_jsonl(str(out / "log.previous.jsonl"))] == [0, 1]
+    assert torch.load(out / "checkpoint.previous.pth", weights_only=True)["epoch"] == 1
 
 
 # ----------------------------------------------------------------------------- bug 2: torchrun rerun
