@@ -293,6 +293,10 @@ def settle(args):
                                 f"leave out --{key.replace('_', '-')} to use the file's")
             if info[key] is not None and getattr(args, key) is None:
                 setattr(cfg, key, info[key])
+    if cfg.finetune and not cfg.resume and os.path.isfile(cfg.finetune) and (args.model is None or args.input_size is None):
+        info = models.inspect_checkpoint(utils.load_checkpoint_file(cfg.finetune), cfg.finetune)
+        cfg.model = cfg.model or info["model"]  # this tool's file (or one naming its model): no --model needed
+        cfg.input_size = cfg.input_size or (info["input_size"] if cfg.model == info["model"] else None)
     if cfg.recipe == "paper":  # the original's settings, for every flag the user left at its default
         parser = get_args_parser()
         for key, value in pruning.paper_finetune_recipe().items():
@@ -374,10 +378,15 @@ def load_model(ctx, num_classes):
     if cfg.resume:
         return models.load(cfg.resume, cfg.model, cfg.input_size, num_classes, ctx.mean, ctx.std,
                            ckpt=ctx.resume_ckpt())
-    model = models.build_model(cfg.model, num_classes=num_classes, img_size=cfg.input_size,
-                               pretrained=cfg.pretrained, drop_rate=cfg.drop, drop_path_rate=cfg.drop_path)
+    start = utils.load_checkpoint_file(cfg.finetune) if cfg.finetune else None
+    spec_of = (models.inspect_checkpoint(start, cfg.finetune)["arch"] or {}) if start else {}
+    if spec_of.get("prune_spec"):  # a compressed model adapted to this data set: its shape, a new head
+        model = models.build_from_arch(dict(spec_of, num_classes=num_classes, input_size=cfg.input_size))
+    else:
+        model = models.build_model(cfg.model, num_classes=num_classes, img_size=cfg.input_size,
+                                   pretrained=cfg.pretrained, drop_rate=cfg.drop, drop_path_rate=cfg.drop_path)
     if cfg.finetune:
-        models.load_finetune(model, cfg.finetune)
+        models.load_finetune(model, cfg.finetune, ckpt=start)
         logger.info(f"initialised from {cfg.finetune}")
     return model, models.model_arch(cfg.model, model, cfg.input_size, ctx.mean, ctx.std), None
 

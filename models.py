@@ -138,13 +138,15 @@ def load_state_strict(model, state, source):
     model.load_state_dict(state, strict=True)
 
 
-def load_finetune(model, path):
-    """Initialise from a file or URL (``--finetune``): drops a classifier of another size and
-    interpolates position embeddings to the model's grid."""
-    ckpt = load_checkpoint_file(path)
+def load_finetune(model, path, ckpt=None):
+    """Initialise from a file or URL (``--finetune``; ``ckpt``: its contents, when already read):
+    drops a classifier of another size and interpolates position embeddings to the model's grid.
+    A compressed model file initialises a model of the same compressed shape (build_from_arch)."""
+    ckpt = load_checkpoint_file(path) if ckpt is None else ckpt
     arch = ckpt.get("arch") if isinstance(ckpt.get("arch"), dict) else None
-    if arch and arch.get("prune_spec"):
-        raise CheckpointError(f"{path} is a compressed model; continue training it with --resume {path}")
+    if arch and arch.get("prune_spec") and arch["prune_spec"] != getattr(model, "prune_spec", None):
+        raise CheckpointError(f"{path} is a compressed model; a model of its compressed shape is needed to start "
+                              f"from it (main.py builds one when --finetune names the file)")
     state = dict(state_dict_of(ckpt))
     own = model.state_dict()
     for head in ("head.weight", "head.bias", "head_dist.weight", "head_dist.bias"):

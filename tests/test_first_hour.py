@@ -154,6 +154,27 @@ def test_head_of_another_size_says_how_to_proceed(pico_dense, folder):
     one_line_error(code, err, f"--finetune {pico_dense}")
 
 
+def test_finetune_from_this_tools_files_needs_no_model_flag(pico_dense, folder, tmp_path):
+    """The hint above works for a dense and for a compressed file: --finetune reads the model (and
+    a compressed model's shape) from the file, with a new head for the folder's 3 classes."""
+    small = tmp_path / "small"
+    code, _, err = run_cli(FAST + ["--prune_finetune", "--resume", pico_dense, "--head_sparsity", "0.5",
+                                   "--finetune-epochs", "0", "--output_dir", small])
+    assert code == 0, err
+    compressed = small / "prune_finetune" / "compressed.pth"
+    code, _, err = run_cli(FAST + ["--data-path", folder, "--eval", "--resume", compressed])
+    one_line_error(code, err, f"--finetune {compressed}")
+    spec = models.load(str(compressed))[1]["prune_spec"]
+    for start, expected_spec in ((pico_dense, None), (compressed, spec)):
+        out = tmp_path / ("from_" + str(start).split("/")[-1].split(".")[0])
+        code, _, err = run_cli(["--batch-size", "8", "--log-every", "1000", "--data-path", folder, "--epochs", "1",
+                                "--max-steps", "2", "--finetune", start, "--output_dir", out])
+        assert code == 0, err
+        _, arch, _ = models.load(str(out / "checkpoint.pth"))
+        assert (arch["model"], arch["input_size"], arch["num_classes"]) == ("vit_pico_patch8_32", 32, 3)
+        assert arch["prune_spec"] == expected_spec
+
+
 # ----------------------------------------------------------------------------- bugs 3, 5, 6
 
 @pytest.mark.slow
