@@ -29,6 +29,7 @@ Two conventions (``convention=``):
 """
 import argparse
 import json
+import os
 import sys
 
 import numpy as np
@@ -218,10 +219,11 @@ def _build_parser():
                                             "counted exactly and in the original implementation's convention")
     p.add_argument("--model", default=DEFAULT_MODEL, help="timm ViT name or preset of models.py (built with pretrained=False)")
     p.add_argument("--resume", default="", help="a model file (this tool's, dense or compressed; DeiT/timm "
-                   "checkpoints and state dicts with --model NAME)")
+                   "checkpoints and state dicts with --model NAME); with --policy, the dense model it compresses")
     p.add_argument("--policy", default="", help="count --model compressed by this policy: a published name "
                    f"({', '.join(pruning.published_policy_names())}) or a policy JSON file")
-    p.add_argument("--round-to", type=int, default=1, help="with --policy: neuron counts at multiples of N (default 1)")
+    p.add_argument("--round-to", type=int, default=None, help="with --policy: neuron counts at multiples of N "
+                   "(default: the policy file's, as the search counted it; 1 for a published policy)")
     p.add_argument("--flops-convention", default="exact", choices=CONVENTIONS,
                    help="which count --json reports as gmacs, and with --policy which rounding builds the model "
                         "(exact: every MAC, counts rounded to nearest; original: the original's compute_flops, "
@@ -238,12 +240,12 @@ def main(argv=None):
     """The CLI: prints GMACs and params; every failure is one line on stderr and exit code 2."""
     args = _build_parser().parse_args(argv)
     try:
-        if args.resume and args.policy:
-            raise UserError("give --resume (a compressed model) or --policy (applied to --model), not both")
         if args.resume:
             model, arch, _ = load(args.resume, model_name=None if args.model == DEFAULT_MODEL else args.model,
                                   input_size=args.input_size)
             name, size = args.resume, arch["input_size"]
+            if args.policy and arch.get("prune_spec"):
+                raise UserError(f"{args.resume} is already compressed; --policy applies to a dense model")
         else:
             kwargs = {} if args.num_classes is None else {"num_classes": args.num_classes}
             model = build_model(args.model, img_size=args.input_size, **kwargs)
@@ -252,13 +254,15 @@ def main(argv=None):
         if args.policy:
             rounding = "exact" if args.flops_convention == "exact" else "original"
             policy, source = pruning.load_policy(args.policy)
+            round_to = args.round_to or (json.load(open(args.policy)).get("round_to", 1)
+                                         if os.path.isfile(args.policy) else 1)
             dims = pruning.model_dims(model)
             identity = {"heads": [list(range(h)) for h in dims["num_heads"]],   # counts do not depend on
                         "neurons": [list(range(m)) for m in dims["mlp_hidden"]]}  # which components go
-            spec = pruning.policy_to_spec(policy, identity, dims, round_to=args.round_to, rounding=rounding)
+            spec = pruning.policy_to_spec(policy, identity, dims, round_to=round_to, rounding=rounding)
             pruning.apply_spec(model, spec)
             # a policy's budget in the original convention is the original's formula
-            original = {"macs": int(round(policy_gmacs(dims, pruning.policy_to_vector(policy), args.round_to,
+            original = {"macs": int(round(policy_gmacs(dims, pruning.policy_to_vector(policy), round_to,
                                                        "original") * 1e9))}
             name = f"{name} + policy {source} ({rounding} rounding)"
         exact = model_macs(model, size)

@@ -415,6 +415,8 @@ def run_train(ctx):
         fresh = state is None or os.path.dirname(os.path.abspath(cfg.resume)) != os.path.abspath(ctx.out)
         utils.decide_on_rank0(lambda: utils.check_run_identity(ctx.out, identity, "training", fresh=fresh))
     teacher = None
+    if cfg.teacher_path and recipe.distillation == "none":
+        logger.warning("--teacher-path is not used: pretraining distils only with --distillation-type soft or hard")
     if recipe.distillation != "none":
         teacher = models.build_teacher(cfg.teacher_model, cfg.teacher_path, data["num_classes"],
                                        arch["input_size"]).to(ctx.device)
@@ -446,7 +448,7 @@ def run_throughput(ctx):
     result = {"model": arch["model"], "compressed": bool(arch.get("prune_spec")), "gmacs": macs["macs"] / 1e9,
               "params": macs["params"], "images_per_s": rate, "batch": cfg.throughput_batch,
               "device": str(ctx.device), "amp": ctx.amp, "compiled": cfg.compile}
-    logger.info(f"{arch['model']}: {result['gmacs']:.3f} GMACs, {macs['params'] / 1e6:.2f} M params, "
+    logger.info(f"{arch['model']}: {result['gmacs']:.4g} GMACs, {macs['params'] / 1e6:.2f} M params, "
                 f"{rate:.1f} images/s at batch {cfg.throughput_batch} on {ctx.device}")
     if ctx.rank == 0:
         print(json.dumps(result))

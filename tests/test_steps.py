@@ -43,7 +43,7 @@ def counted_rankings(rankings, calls):
     return rank
 
 
-def test_search_policy_folder_resumes_by_replay_and_refuses_another_search(setup, tmp_path):
+def test_search_policy_folder_resumes_by_replay_and_refuses_another_search(setup, tmp_path, capsys):
     model, out = setup["model"], str(tmp_path / "search")
     settings = engine.SearchSettings(search_population=3, search_epoch=2, search_pool=200, seed=1)
     target = 0.6 * flops.model_macs(model)["macs"] / 1e9
@@ -61,6 +61,12 @@ def test_search_policy_folder_resumes_by_replay_and_refuses_another_search(setup
     assert flops.model_macs(first["model"])["macs"] / 1e9 == pytest.approx(res["gmacs"])
     assert sampler.is_feasible(np.asarray(res["vector"])[None])[0]
     assert res["val_acc1_before_finetune"] == engine.evaluate(setup["data"]["val"], first["model"], CPU)["acc1"]
+    # flops.py counts the searched policy on the dense model file as the search did (its round_to, its head)
+    dense_file = str(tmp_path / "dense.pth")
+    models.save_model_file(dense_file, model, setup["arch"])
+    capsys.readouterr()
+    assert flops.main(["--resume", dense_file, "--policy", os.path.join(out, "best_policy.json"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["macs"] == round(res["gmacs"] * 1e9)
 
     # a rerun replays the log (no new evaluation, rankings read back, not recomputed): same result
     again = engine.search_policy(model, counted_rankings(setup["rankings"], calls), setup["held_out"], sampler,
