@@ -540,7 +540,8 @@ def run_prune_finetune(ctx):
             ctx, dense, datasets.build_dataset(True, ctx.data, train_transform=False)[0])), data,
         make_recipe(cfg, ctx.world_size, finetune=True), ctx.device, engine.SearchSettings.take(cfg),
         os.path.join(ctx.out, "prune_finetune") if ctx.out else None,
-        {"dense_weights": weights, "rankings": "search" if rankings else criterion_settings(cfg)},
+        {"dense_weights": weights, "rankings": "search" if rankings else criterion_settings(cfg),
+         "global_batch": cfg.batch_size * ctx.world_size},  # the lr scales with it: say why a run differs
         ctx.distributed, ctx.amp, ctx.rank, extra={"args": utils.primitives(vars(cfg))},
         record={"policy": policy, "policy_source": source, "dense_weights": weights})
 

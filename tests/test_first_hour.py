@@ -220,6 +220,9 @@ def test_steps_follow_the_dense_weights_not_the_file_path(pico_dense, tmp_path):
         code, _, err = run_cli(prune + ["--resume", dense])
         assert code == 0, err
     assert len(utils.read_jsonl(str(out / "search" / "search_log.jsonl"))) == 3  # replayed, not searched again
+    # another global batch (here --batch-size; under torchrun also the process count) scales the lr: refused
+    code, _, err = run_cli(prune + ["--resume", moved, "--batch-size", "16"])
+    one_line_error(code, err, "global_batch 32 -> 16")
     ckpt = torch.load(moved, map_location="cpu", weights_only=True)
     ckpt["model"]["head.bias"] = ckpt["model"]["head.bias"] + 0.5  # "retrained" in place
     torch.save(ckpt, moved)
