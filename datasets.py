@@ -28,7 +28,7 @@ from torch.utils.data import Dataset, Sampler
 from torchvision import transforms
 from torchvision.datasets import CIFAR10, CIFAR100, ImageFolder
 
-from utils import UserError, get_rank, get_world_size
+from utils import UserError, clean_message, get_rank, get_world_size
 
 logger = logging.getLogger("vitcompress")
 
@@ -411,13 +411,28 @@ class SafeImageFolder(Dataset):
     def __getitem__(self, index):
         for attempt in range(len(self.inner)):
             i = (index + attempt) % len(self.inner)
+            path, target = self.inner.samples[i]
             try:
-                return self.inner[i]
+                image = self.inner.loader(path)  # decodes fully (convert to RGB): a broken file fails here
             except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for broken files
                 self._warn(i, e)
                 if self.skip:
                     return None
+                continue
+            return self._transform(image, path), target
         raise DataError(f"no readable image in {self.inner.root}")
+
+    def _transform(self, image, path):
+        """The transform, redrawn when a random augmentation draws invalid parameters (timm's
+        RandAugment posterize occasionally asks for 0 bits): not the file's fault."""
+        if self.inner.transform is None:
+            return image
+        for _ in range(3):
+            try:
+                return self.inner.transform(image)
+            except ValueError as e:
+                error = e
+        raise DataError(f"the image transform fails on {path}: {clean_message(error)}")
 
     def collate(self, batch):
         kept = [b for b in batch if b is not None]
@@ -481,6 +496,9 @@ def build_dataset(is_train, cfg, train_transform=None):
         except RuntimeError as e:
             raise DataError(f"{cls.__name__} files not found under {root} ({str(e).splitlines()[0]}); "
                             f"pass --download to fetch them") from e
+        except OSError as e:  # URLError included: no network, a blocked proxy
+            raise DataError(f"could not download {cls.__name__} into {root} ({clean_message(e)}); without "
+                            f"internet put the extracted cifar files under --data-path") from e
         return ds, ncls
     if name in ("IMNET", "IMAGEFOLDER"):
         check_folder_layout(cfg.data_path, name)

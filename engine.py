@@ -121,8 +121,10 @@ def train_one_epoch(model, criterion, loader, optimizer, device, epoch, scaler=N
 
 @torch.no_grad()
 def evaluate(loader, model, device, amp=False, log_every=0, header="Test"):
-    """Top-1, top-5 and mean loss over the loader; counts are summed over ranks, so a
-    sharded evaluation (every image once) equals a single-process one exactly."""
+    """Top-1, top-5 and mean loss over the loader. A loader sharded over ranks (its sampler has
+    num_replicas > 1) has its counts summed over them, so a sharded evaluation (every image once)
+    equals a single-process one exactly; an unsharded one (every rank sees every image) is not
+    summed. No image at all is an error, not 0%."""
     was_training = model.training
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64)  # loss*n, correct1, correct5, n
@@ -145,11 +147,14 @@ def evaluate(loader, model, device, amp=False, log_every=0, header="Test"):
                              dtype=torch.float64)
         if progress:
             progress.update(step)
-    if device.type == "cuda":
-        sums = sums.to(device)
-    all_reduce_sum(sums)
-    sums = sums.cpu()
-    n = max(sums[3].item(), 1)
+    if getattr(getattr(loader, "sampler", None), "num_replicas", 1) > 1:
+        sums = sums.to(device) if device.type == "cuda" else sums
+        all_reduce_sum(sums)
+        sums = sums.cpu()
+    if sums[3].item() == 0:
+        raise UserError(f"no image was evaluated: all {len(loader.dataset)} validation images were unreadable "
+                        f"(see the warnings above)")
+    n = sums[3].item()
     model.train(was_training)
     return {"acc1": 100.0 * sums[1].item() / n, "acc5": 100.0 * sums[2].item() / n,
             "loss": sums[0].item() / n, "n": int(sums[3].item())}
@@ -175,6 +180,16 @@ def throughput(model, device, batch_size=64, input_size=224, amp=False, warmup=3
     if compile:
         model = compile_model(model, device)
         warmup = max(int(warmup), 1)
+    try:
+        return _timed_batches(model, device, batch_size, input_size, amp, warmup, repeats, compile)
+    except RuntimeError as e:  # torch.OutOfMemoryError, or the CPU allocator's "can't allocate memory"
+        if "memory" not in str(e) and "alloc" not in str(e):
+            raise
+        raise UserError(f"a batch of {batch_size} does not fit in memory on {device}; use a smaller "
+                        f"--throughput-batch") from e
+
+
+def _timed_batches(model, device, batch_size, input_size, amp, warmup, repeats, compile):
     x = torch.randn(batch_size, 3, input_size, input_size, device=device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     with torch.inference_mode(), autocast(device, amp):

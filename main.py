@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import sys
+import tempfile
 import time
 
 
@@ -59,6 +60,8 @@ def ranged(kind, ok, words):
 POSITIVE, COUNT = ranged(int, lambda v: v > 0, "positive"), ranged(int, lambda v: v >= 0, ">= 0")
 FRACTION, RATE = ranged(float, lambda v: 0 < v < 1, "in (0, 1)"), ranged(float, lambda v: 0 <= v < 1, "in [0, 1)")
 WEIGHT, GMACS = ranged(float, lambda v: 0 <= v <= 1, "in [0, 1]"), ranged(float, lambda v: v > 0, "positive GMACs")
+SHARE, RATE_OF = ranged(float, lambda v: 0 < v <= 1, "in (0, 1]"), ranged(float, lambda v: v > 0, "positive")
+NONNEG = ranged(float, lambda v: v >= 0, ">= 0")
 
 
 def reductions(text):
@@ -99,58 +102,58 @@ def get_args_parser():
                    "deit_nano_distilled_patch4_32, vit_pico_patch8_32); default deit_base_patch16_224, or "
                    "vit_nano_patch4_32 on DIGITS")
     g.add_argument("--input-size", "--input_size", type=POSITIVE, help="image size (IMNET: 224, DIGITS: 32)")
-    g.add_argument("--drop", type=float, default=0.0, help="dropout rate")
-    g.add_argument("--drop-path", "--drop_path", type=float, help="stochastic depth rate (IMNET: 0.1, DIGITS: 0)")
+    g.add_argument("--drop", type=RATE, default=0.0, help="dropout rate")
+    g.add_argument("--drop-path", "--drop_path", type=RATE, help="stochastic depth rate (IMNET: 0.1, DIGITS: 0)")
     g.add_argument("--pretrained", action="store_true", help="start from timm's pretrained weights (needs internet)")
     g.add_argument("--model-ema", action="store_true", default=None, help="keep an EMA of weights")
     g.add_argument("--no-model-ema", dest="model_ema", action="store_false")
-    g.add_argument("--model-ema-decay", type=float, default=0.99996)
+    g.add_argument("--model-ema-decay", type=FRACTION, default=0.99996)
     g.add_argument("--model-ema-force-cpu", action="store_true")
 
     g = p.add_argument_group("optimizer and schedule")
     g.add_argument("--opt", default="adamw", help="timm optimizer name")
-    g.add_argument("--opt-eps", type=float, default=1e-8)
+    g.add_argument("--opt-eps", type=RATE_OF, default=1e-8)
     g.add_argument("--opt-betas", type=float, nargs="+")
-    g.add_argument("--clip-grad", type=float, help="gradient norm clip (off by default)")
+    g.add_argument("--clip-grad", type=RATE_OF, help="gradient norm clip (off by default)")
     g.add_argument("--momentum", type=float, default=0.9)
-    g.add_argument("--weight-decay", type=float, help="(default 0.05)")
+    g.add_argument("--weight-decay", type=NONNEG, help="(default 0.05)")
     g.add_argument("--sched", default="cosine", help="timm scheduler name")
-    g.add_argument("--lr", type=float, help="base learning rate for a global batch of 512, scaled linearly "
+    g.add_argument("--lr", type=RATE_OF, help="base learning rate for a global batch of 512, scaled linearly "
                    "(IMNET: 5e-4, DIGITS: 1e-2)")
     g.add_argument("--unscale-lr", action="store_true", help="do not scale --lr by the global batch size")
-    g.add_argument("--warmup-lr", type=float, default=1e-6)
-    g.add_argument("--min-lr", type=float, help="(default 1e-5)")
-    g.add_argument("--warmup-epochs", type=int, help="(IMNET: 5, DIGITS: 2)")
-    g.add_argument("--cooldown-epochs", type=int, help="(IMNET: 10, DIGITS: 0)")
+    g.add_argument("--warmup-lr", type=NONNEG, default=1e-6)
+    g.add_argument("--min-lr", type=NONNEG, help="(default 1e-5)")
+    g.add_argument("--warmup-epochs", type=COUNT, help="(IMNET: 5, DIGITS: 2)")
+    g.add_argument("--cooldown-epochs", type=COUNT, help="(IMNET: 10, DIGITS: 0)")
     g.add_argument("--decay-epochs", type=float, default=30)
     g.add_argument("--decay-rate", "--dr", type=float, default=0.1)
 
     g = p.add_argument_group("augmentation (DeiT recipe)")
     g.add_argument("--color-jitter", type=float, default=0.3)
     g.add_argument("--aa", help="RandAugment policy, 'none' to turn off (IMNET: rand-m9-mstd0.5-inc1)")
-    g.add_argument("--smoothing", type=float, help="label smoothing (default 0.1)")
+    g.add_argument("--smoothing", type=RATE, help="label smoothing (default 0.1)")
     g.add_argument("--train-interpolation", default="bicubic")
     g.add_argument("--repeated-aug", action="store_true", default=None)
     g.add_argument("--no-repeated-aug", dest="repeated_aug", action="store_false")
-    g.add_argument("--ra-reps", type=int, default=3)
-    g.add_argument("--reprob", type=float, help="random erasing probability (IMNET: 0.25, DIGITS: 0)")
+    g.add_argument("--ra-reps", type=POSITIVE, default=3)
+    g.add_argument("--reprob", type=WEIGHT, help="random erasing probability (IMNET: 0.25, DIGITS: 0)")
     g.add_argument("--remode", default="pixel")
     g.add_argument("--recount", type=int, default=1)
-    g.add_argument("--mixup", type=float, help="mixup alpha (IMNET: 0.8, DIGITS: 0)")
-    g.add_argument("--cutmix", type=float, help="cutmix alpha (IMNET: 1.0, DIGITS: 0)")
+    g.add_argument("--mixup", type=NONNEG, help="mixup alpha (IMNET: 0.8, DIGITS: 0)")
+    g.add_argument("--cutmix", type=NONNEG, help="cutmix alpha (IMNET: 1.0, DIGITS: 0)")
     g.add_argument("--cutmix-minmax", type=float, nargs="+")
-    g.add_argument("--mixup-prob", type=float, default=1.0)
-    g.add_argument("--mixup-switch-prob", type=float, default=0.5)
+    g.add_argument("--mixup-prob", type=WEIGHT, default=1.0)
+    g.add_argument("--mixup-switch-prob", type=WEIGHT, default=0.5)
     g.add_argument("--mixup-mode", default="batch")
-    g.add_argument("--eval-crop-ratio", type=float, default=0.875)
+    g.add_argument("--eval-crop-ratio", type=SHARE, default=0.875)
 
     g = p.add_argument_group("distillation")
     g.add_argument("--teacher-model", default="regnety_160", help="teacher for pretraining distillation")
     g.add_argument("--teacher-path", default="", help="teacher weights file (or a model file of this tool)")
     g.add_argument("--distillation-type", choices=["none", "soft", "hard"],
                    help="pretrain: none; prune+finetune: soft, from the dense model")
-    g.add_argument("--distillation-alpha", type=float, default=0.5)
-    g.add_argument("--distillation-tau", type=float, default=1.0)
+    g.add_argument("--distillation-alpha", type=WEIGHT, default=0.5)
+    g.add_argument("--distillation-tau", type=RATE_OF, default=1.0)
 
     g = p.add_argument_group("data and run")
     g.add_argument("--data-path", "--data_path", help="data root (train/ and val/)")
@@ -179,7 +182,7 @@ def get_args_parser():
                    help="batch for --throughput and the pipeline's speed table (IMNET: 64, DIGITS: 256)")
     g.add_argument("--dist-eval", "--dist_eval", action="store_true",
                    help="shard evaluation over ranks (exact: every image counted once)")
-    g.add_argument("--num_workers", "--num-workers", type=int, help="data loader workers (IMNET: 10, DIGITS: 0)")
+    g.add_argument("--num_workers", "--num-workers", type=COUNT, help="data loader workers (IMNET: 10, DIGITS: 0)")
     g.add_argument("--pin-mem", action="store_true", default=None, help="pin loader memory (default: on with CUDA)")
     g.add_argument("--no-pin-mem", dest="pin_mem", action="store_false")
     g.add_argument("--world_size", type=int, default=1, help="set by the launcher")
@@ -188,8 +191,8 @@ def get_args_parser():
                    help="passed by legacy launchers; the environment is used otherwise")
     g.add_argument("--amp", action="store_true", default=True, help="mixed precision on CUDA (default)")
     g.add_argument("--no-amp", dest="amp", action="store_false")
-    g.add_argument("--log-every", type=int, default=20, help="log every N steps")
-    g.add_argument("--max-steps", type=int, help="cap steps per epoch (smoke tests)")
+    g.add_argument("--log-every", type=POSITIVE, default=20, help="log every N steps")
+    g.add_argument("--max-steps", type=POSITIVE, help="cap steps per epoch (smoke tests)")
 
     g = p.add_argument_group("dependency criterion (ranking heads and neurons)")
     g.add_argument("--criterion", choices=CRITERIA, help="how components are ranked (default taylor: first-order "
@@ -259,7 +262,7 @@ def get_args_parser():
                    "epochs, lr 5e-4, DeiT augmentation, no distillation) for every flag left at its default")
     g.add_argument("--finetune-epochs", type=COUNT,
                    help="finetuning epochs (IMNET: 30, DIGITS: 15); 0 = prune only, no finetuning")
-    g.add_argument("--finetune-lr", type=float, help="finetuning base lr (IMNET: 5e-5, DIGITS: 2e-3)")
+    g.add_argument("--finetune-lr", type=RATE_OF, help="finetuning base lr (IMNET: 5e-5, DIGITS: 2e-3)")
 
     g = p.add_argument_group("pipeline")
     g.add_argument("--pipeline", action="store_true",
@@ -339,6 +342,14 @@ def resume_path(cfg):
 
 
 def check_config(cfg):
+    if cfg.device.split(":")[0] not in ("cpu", "cuda", "mps"):
+        raise utils.UserError(f"--device {cfg.device}: use cpu, cuda or cuda:N")
+    if cfg.output_dir:  # every rank checks: a folder it cannot write fails here, not in the first checkpoint
+        try:
+            os.makedirs(cfg.output_dir, exist_ok=True)
+            tempfile.TemporaryFile(dir=cfg.output_dir).close()
+        except OSError as e:
+            raise utils.UserError(f"--output_dir {cfg.output_dir} cannot be written ({e.strerror or e})")
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise utils.UserError(f"--device {cfg.device} asked for but CUDA is not available")
     trains = not (cfg.eval or cfg.search or cfg.throughput) or cfg.prune_finetune or cfg.pipeline
@@ -621,10 +632,13 @@ def cli(argv=None):
     try:
         main(args)
     except KeyboardInterrupt:  # first: the clause below imports torch, which may be what was interrupted
-        steps = args.search or args.prune_finetune or args.pipeline
-        print("interrupted" + ("; rerun the same command to continue" if steps else "" if args.eval or args.throughput
-                               or args.export else "; the last finished epoch's checkpoint is intact: rerun with "
-                               "--resume auto to continue"), file=sys.stderr)
+        steps, saved = args.search or args.prune_finetune or args.pipeline, args.output_dir and os.path.exists(
+            os.path.join(args.output_dir, "checkpoint.pth"))
+        if os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0":  # one message, not one per rank
+            print("interrupted" + ("; rerun the same command to continue" if steps else "" if args.eval or
+                                   args.throughput or args.export else "; the last finished epoch's checkpoint is "
+                                   "intact: rerun with --resume auto to continue" if saved else
+                                   " before the first epoch finished"), file=sys.stderr)
         return 130
     except (utils.UserError, pruning.SpecError, ei.InfeasibleTarget, engine.NonFiniteLoss) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -405,7 +405,7 @@ def test_longer_training_rebuilds_the_schedule(tmp_path):
     assert records[2]["train_lr"] > 10 * 1e-5 and records[3]["train_lr"] < records[2]["train_lr"], records
 
 
-def test_interrupt_says_how_each_mode_continues(monkeypatch):
+def test_interrupt_says_how_each_mode_continues(monkeypatch, tmp_path):
     """Ctrl-C: training continues with --resume auto; search, prune+finetune and the pipeline
     continue by rerunning the same command (their folders hold the log and checkpoint)."""
     import main
@@ -413,7 +413,14 @@ def test_interrupt_says_how_each_mode_continues(monkeypatch):
     def interrupted(args):
         raise KeyboardInterrupt
     monkeypatch.setattr(main, "settle", interrupted)
-    for argv, hint in ((["--epochs", "1"], "rerun with --resume auto"),
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli(["--epochs", "1"])
+    assert code == 130 and err == "interrupted before the first epoch finished\n", err  # no checkpoint yet
+    monkeypatch.setenv("RANK", "1")
+    assert run_cli(["--epochs", "1"])[::2] == (130, "")  # rank 0 alone says it, not every process
+    monkeypatch.setenv("RANK", "0")
+    open("checkpoint.pth", "w").close()
+    for argv, hint in ((["--epochs", "1", "--output_dir", "."], "rerun with --resume auto"),
                        (["--eval", "--search"], "rerun the same command"),
                        (["--prune_finetune"], "rerun the same command"),
                        (["--pipeline"], "rerun the same command"),

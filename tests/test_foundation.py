@@ -201,6 +201,14 @@ def test_help_lists_seed_flags():
     (["--bogus"], "unrecognized arguments: --bogus"),
     (["--search_flops", "1", "--search-reduction", "0.4"], "either --search_flops or --search-reduction, not both"),
     (["--pipeline-reductions", "0.4,1"], "--pipeline-reductions must be comma-separated fractions"),
+    (["--lr", "-1"], "--lr must be positive"),
+    (["--drop-path", "2"], "--drop-path must be in [0, 1)"),
+    (["--eval-crop-ratio", "0"], "--eval-crop-ratio must be in (0, 1]"),
+    (["--num_workers", "-1"], "--num-workers must be >= 0"),
+    (["--model", "vit_pico_patch8_32", "--input-size", "33"], "input size 33 does not fit"),
+    (["--device", "tpu"], "--device tpu: use cpu, cuda or cuda:N"),
+    (["--output_dir", "/proc/no/such"], "--output_dir /proc/no/such cannot be written"),
+    (["--throughput", "--model", "vit_pico_patch8_32", "--throughput-batch", "100000000"], "does not fit in memory"),
 ])
 def test_bad_input_one_line_errors(argv, message):
     code, _, err = run_cli(argv + ["--epochs", "1"])
@@ -233,6 +241,61 @@ def test_hidden_folders_are_not_classes(tmp_path):
                             "--batch-size", "8", "--epochs", "1", "--output_dir", tmp_path / "out"])
     assert code == 0, err
     assert models.load(str(tmp_path / "out" / "checkpoint.pth"))[1]["num_classes"] == 3
+
+
+def test_transform_errors_are_not_blamed_on_the_file(tmp_path, caplog):
+    """A random augmentation that draws invalid parameters is redrawn; the image is not called
+    unreadable nor swapped for another (timm's posterize sometimes asks for 0 bits)."""
+    root = make_image_folder(str(tmp_path / "imgs"), classes=("a", "b"), per_class=(2, 2))
+
+    class Flaky:
+        def __init__(self, fails):
+            self.fails, self.calls = fails, 0
+
+        def __call__(self, image):
+            self.calls += 1
+            if self.calls <= self.fails:
+                raise ValueError("bits must be between or equal to 1 and 8")
+            return torch.zeros(1)
+    ds = datasets.SafeImageFolder(os.path.join(root, "train"), transform=Flaky(1))
+    with caplog.at_level("WARNING", logger="vitcompress"):
+        assert ds[3][1] == 1 and ds.inner.transform.calls == 2
+    assert "unreadable" not in caplog.text
+    with pytest.raises(datasets.DataError, match="the image transform fails on .*0.png: bits must be"):
+        datasets.SafeImageFolder(os.path.join(root, "train"), transform=Flaky(10))[0]
+
+
+def test_no_readable_validation_image_is_an_error_not_zero_percent(tmp_path, monkeypatch):
+    root = make_image_folder(str(tmp_path / "imgs"), classes=("a", "b"), per_class=(2, 2))
+    for name in ("a", "b"):
+        for i in range(2):
+            (tmp_path / "imgs" / "val" / name / f"{i}.png").write_bytes(b"not a png")
+    code, _, err = run_cli(["--data-path", root, "--model", "vit_pico_patch8_32", "--input-size", "32", "--eval",
+                            "--batch-size", "4", "--num_workers", "0"])
+    assert code == 2 and err.strip().splitlines()[-1].startswith("error: no image was evaluated"), err
+
+
+def test_evaluation_sums_over_ranks_only_when_the_loader_is_sharded(monkeypatch):
+    """Without --dist-eval every rank evaluates every image: summing them counted each image once
+    per process (720 of 360 under 2 processes)."""
+    summed = []
+    monkeypatch.setattr(engine, "all_reduce_sum", lambda t: summed.append(1) or t.mul_(2))
+    model = models.build_model("vit_pico_patch8_32", num_classes=10)
+    data = [(torch.randn(3, 32, 32), i % 10) for i in range(6)]
+    whole = torch.utils.data.DataLoader(data, batch_size=4)
+    assert engine.evaluate(whole, model, torch.device("cpu"))["n"] == 6 and summed == []
+    shard = torch.utils.data.DataLoader(data, batch_size=4, sampler=datasets.ShardSampler(6, num_replicas=2, rank=0))
+    assert engine.evaluate(shard, model, torch.device("cpu"))["n"] == 6 and summed == [1]  # 3 here, 3 on rank 1
+
+
+def test_cifar_download_without_network_is_one_line(tmp_path, monkeypatch):
+    import urllib.error
+
+    def offline(self):
+        raise urllib.error.URLError("Name or service not known")
+    monkeypatch.setattr(datasets.CIFAR10, "download", offline)
+    with pytest.raises(datasets.DataError, match="could not download CIFAR10 .*without internet"):
+        datasets.build_dataset(True, datasets.DataConfig(data_set="CIFAR10", data_path=str(tmp_path), download=True))
 
 
 def test_corrupt_and_foreign_checkpoints_via_cli(tmp_path):
