@@ -359,6 +359,7 @@ def fit(model, train_loader, val_loader, recipe, device, num_classes, run_dir=No
         eta = elapsed / (epoch + 1 - start_epoch) * (recipe.epochs - epoch - 1)
         logger.info(f"{tag} epoch {epoch}: loss {train_stats.get('loss', float('nan')):.4f} "
                     f"val top-1 {stats['acc1']:.2f} top-5 {stats['acc5']:.2f} (best {best['acc1']:.2f}) "
+                    + (f"EMA top-1 {ema_stats['acc1']:.2f} " if ema_stats else "") +
                     f"elapsed {format_seconds(elapsed)} eta {format_seconds(eta)}")
         if run_dir:  # the checkpoint carries its epoch's log line: a kill between the two loses none
             record = {"epoch": epoch, **{f"train_{k}": v for k, v in train_stats.items()},

@@ -413,6 +413,11 @@ def resolve_policy(depth, sparsities=(None, None, None), policy="", default_path
         validate_policy(found, depth)
     except SpecError as e:
         raise SpecError(f"policy from {source}: {e}") from e
+    dropped = [name for name, on, values in zip(("head", "neuron", "token"), active,
+                                                 (found["head"], found["neuron"], [found["token"]]))
+               if not on and any(float(v) for v in values)]
+    if dropped:  # e.g. --head_pruning alone with a policy searched over all three dimensions
+        source += f" without its {' and '.join(dropped)} ratios (only the dimensions of the --*_pruning flags given)"
     return ({"head": [float(v) * active[0] for v in found["head"]],
              "neuron": [float(v) * active[1] for v in found["neuron"]], "token": float(found["token"]) * active[2]},
             source, rankings)

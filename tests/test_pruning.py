@@ -380,3 +380,13 @@ def test_spec_errors():
     _raises("rankings are missing key 'neurons'", policy_to_spec, uniform_policy(3), {"heads": ranks["heads"]}, dims)
     _raises("2\\*3\\+1 = 7", policy_from_vector, np.zeros(6), 3)
     _raises("fuse", policy_to_spec, uniform_policy(3), ranks, dims, fuse="max")
+
+
+def test_resolve_policy_says_which_dimensions_it_drops():
+    """--head_pruning alone with a policy over all three dimensions keeps only the head ratios,
+    and the source it reports (logged, and kept in result.json) says so."""
+    policy, source, _ = pruning.resolve_policy(4, (0.25, 0.5, 0.1), active=(True, False, False))
+    assert policy["head"] == [0.25] * 4 and policy["neuron"] == [0.0] * 4 and policy["token"] == 0.0
+    assert source == ("uniform ratios without its neuron and token ratios (only the dimensions of the "
+                      "--*_pruning flags given)")
+    assert pruning.resolve_policy(4, (0.25, 0.0, None), active=(True, False, False))[1] == "uniform ratios"
