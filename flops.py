@@ -254,7 +254,7 @@ def main(argv=None):
         if args.policy:
             rounding = "exact" if args.flops_convention == "exact" else "original"
             policy, source = pruning.load_policy(args.policy)
-            round_to = args.round_to or (json.load(open(args.policy)).get("round_to", 1)
+            round_to = args.round_to or (pruning.read_policy_file(args.policy)[2].get("round_to", 1)
                                          if os.path.isfile(args.policy) else 1)
             dims = pruning.model_dims(model)
             identity = {"heads": [list(range(h)) for h in dims["num_heads"]],   # counts do not depend on

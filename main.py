@@ -275,8 +275,9 @@ def get_args_parser():
 # ----------------------------------------------------------------------------- settling the configuration
 
 def settle(args):
-    """The run's configuration, settled once: recipe defaults, the --resume file's own model and
-    input size, every check of the flags. Returns (cfg, contents of the --resume file or None);
+    """The run's configuration, settled once: recipe defaults, the --resume (or --finetune) file's
+    own model and input size, every check of the flags. Returns (cfg, contents of that file, or None
+    when it was not read);
     nothing assigns to the configuration after this."""
     cfg = argparse.Namespace(**vars(args))
     if cfg.data_set is None:
@@ -297,7 +298,8 @@ def settle(args):
             if info[key] is not None and getattr(args, key) is None:
                 setattr(cfg, key, info[key])
     if cfg.finetune and not cfg.resume and os.path.isfile(cfg.finetune) and (args.model is None or args.input_size is None):
-        info = models.inspect_checkpoint(utils.load_checkpoint_file(cfg.finetune), cfg.finetune)
+        ckpt = utils.load_checkpoint_file(cfg.finetune)
+        info = models.inspect_checkpoint(ckpt, cfg.finetune)
         cfg.model = cfg.model or info["model"]  # this tool's file (or one naming its model): no --model needed
         cfg.input_size = cfg.input_size or (info["input_size"] if cfg.model == info["model"] else None)
     if cfg.recipe == "paper":  # the original's settings, for every flag the user left at its default
@@ -363,20 +365,22 @@ def check_config(cfg):
 
 class Context:
     """What every mode needs once: the settled configuration, device, rank info, output folder,
-    and the --resume file's contents (read once)."""
+    and the contents of the model file it starts from (read once)."""
 
-    def __init__(self, cfg, dist_info, resume_ckpt=None):
+    def __init__(self, cfg, dist_info, model_file=None):
         self.cfg, self.device, self.rank = cfg, dist_info["device"], dist_info["rank"]
         self.distributed, self.world_size = dist_info["distributed"], dist_info["world_size"]
-        self.dist_info, self.out, self._resume = dist_info, cfg.output_dir or None, resume_ckpt
+        self.dist_info, self.out, self._file = dist_info, cfg.output_dir or None, model_file
         self.amp = bool(cfg.amp and self.device.type == "cuda")
         self.data = datasets.DataConfig.take(cfg)
         self.mean, self.std = datasets.data_stats(cfg.data_set)
 
-    def resume_ckpt(self):
-        if self._resume is None and self.cfg.resume:
-            self._resume = utils.load_checkpoint_file(self.cfg.resume)
-        return self._resume
+    def model_file(self):
+        """The contents of --resume, or without it of --finetune (None when neither is given)."""
+        path = self.cfg.resume or self.cfg.finetune
+        if self._file is None and path:
+            self._file = utils.load_checkpoint_file(path)
+        return self._file
 
     def derive(self, out, **overrides):
         """A context for one step of the pipeline: its own folder and a few settled values."""
@@ -388,8 +392,8 @@ def load_model(ctx, num_classes):
     cfg = ctx.cfg
     if cfg.resume:
         return models.load(cfg.resume, cfg.model, cfg.input_size, num_classes, ctx.mean, ctx.std,
-                           ckpt=ctx.resume_ckpt())
-    start = utils.load_checkpoint_file(cfg.finetune) if cfg.finetune else None
+                           ckpt=ctx.model_file())
+    start = ctx.model_file()
     spec_of = (models.inspect_checkpoint(start, cfg.finetune)["arch"] or {}) if start else {}
     if spec_of.get("prune_spec"):  # a compressed model adapted to this data set: its shape, a new head
         model = models.build_from_arch(dict(spec_of, num_classes=num_classes, input_size=cfg.input_size))
@@ -608,11 +612,11 @@ MODES = (("export", run_export), ("pipeline", run_pipeline), ("search", run_sear
 
 def main(args):
     """Settle the configuration, set up once, run the one mode the flags name."""
-    cfg, resume_ckpt = settle(args)
+    cfg, model_file = settle(args)
     dist_info = utils.init_distributed(cfg.device, cfg.dist_url, cfg.local_rank)
     try:
         utils.setup_logging(cfg.output_dir or None)
-        ctx = Context(cfg, dist_info, resume_ckpt)
+        ctx = Context(cfg, dist_info, model_file)
         utils.seed_everything(cfg.seed + ctx.rank)
         if ctx.out and ctx.rank == 0:
             os.makedirs(ctx.out, exist_ok=True)
@@ -632,13 +636,16 @@ def cli(argv=None):
     try:
         main(args)
     except KeyboardInterrupt:  # first: the clause below imports torch, which may be what was interrupted
-        steps, saved = args.search or args.prune_finetune or args.pipeline, args.output_dir and os.path.exists(
-            os.path.join(args.output_dir, "checkpoint.pth"))
+        if args.search or args.prune_finetune or args.pipeline:
+            hint = "; rerun the same command to continue"
+        elif args.eval or args.throughput or args.export:
+            hint = ""
+        elif args.output_dir and os.path.exists(os.path.join(args.output_dir, "checkpoint.pth")):
+            hint = "; the last finished epoch's checkpoint is intact: rerun with --resume auto to continue"
+        else:
+            hint = " before the first epoch finished"
         if os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0":  # one message, not one per rank
-            print("interrupted" + ("; rerun the same command to continue" if steps else "" if args.eval or
-                                   args.throughput or args.export else "; the last finished epoch's checkpoint is "
-                                   "intact: rerun with --resume auto to continue" if saved else
-                                   " before the first epoch finished"), file=sys.stderr)
+            print("interrupted" + hint, file=sys.stderr)
         return 130
     except (utils.UserError, pruning.SpecError, ei.InfeasibleTarget, engine.NonFiniteLoss) as e:
         print(f"error: {e}", file=sys.stderr)

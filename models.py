@@ -90,7 +90,7 @@ def build_model(name, num_classes=1000, img_size=None, pretrained=False, drop_ra
             raise
     if not isinstance(model, VisionTransformer):
         raise ModelError(f"model '{name}' is a {type(model).__name__}, not a timm VisionTransformer")
-    size, patch = tuple(model.patch_embed.img_size), tuple(model.patch_embed.patch_size)
+    size, patch = model.patch_embed.img_size or (), model.patch_embed.patch_size  # img_size None: dynamic size
     if any(s < p or s % p for s, p in zip(size, patch)):  # timm would drop the last pixels or fail later
         raise ModelError(f"input size {size[0]} does not fit {name}'s {patch[0]}-pixel patches: use a multiple "
                          f"of {patch[0]} for --input-size")
