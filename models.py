@@ -510,9 +510,7 @@ def export_onnx(model, path, arch, sample=None, opset=ONNX_OPSET, atol=1e-4, exp
 
     if exporter not in ONNX_EXPORTERS:
         raise ExportError(f"unknown exporter {exporter!r}; choose one of {', '.join(ONNX_EXPORTERS)}")
-    if os.path.isdir(path) or os.fspath(path).endswith(("/", os.sep)) or not os.path.basename(os.fspath(path)):
-        raise ExportError(f"{path} is a folder; name the ONNX file to write, e.g. "
-                          f"{os.path.join(os.fspath(path), 'model.onnx')}")
+    check_export_target(path)
     _onnxruntime()  # before the export, which takes a while
     if int(opset) < 17:
         raise ExportError(f"opset {opset} is too old: LayerNormalization needs opset 17 or newer")
@@ -590,6 +588,38 @@ def export_onnx(model, path, arch, sample=None, opset=ONNX_OPSET, atol=1e-4, exp
 def onnx_json_path(path):
     """The metadata file written beside an exported ``path``: ``model.onnx`` -> ``model.json``."""
     return os.path.splitext(os.fspath(path))[0] + ".json"
+
+
+def export_files(path):
+    """Every file ``export_onnx(model, path, ...)`` writes: the ONNX file, its temporary
+    ``.partial`` copy, the metadata JSON beside it and that file's temporary copy."""
+    path = os.fspath(path)
+    return [path, path + ".partial", onnx_json_path(path), onnx_json_path(path) + ".tmp"]
+
+
+def check_export_target(path, keep=()):
+    """Raise ExportError (one line, before any work) when exporting to ``path`` cannot leave what
+    it promises: ``path`` is a folder, two of the files it writes (``export_files``) are the same
+    file (``--export model.json`` would have its metadata overwrite the ONNX file), or it would
+    overwrite one of ``keep`` (e.g. the model file being exported)."""
+    path = os.fspath(path)
+    if os.path.isdir(path) or path.endswith(("/", os.sep)) or not os.path.basename(path):
+        raise ExportError(f"{path} is a folder; name the ONNX file to write, e.g. {os.path.join(path, 'model.onnx')}")
+    same = lambda p: os.path.normcase(os.path.realpath(os.fspath(p)))  # noqa: E731
+    written = export_files(path)
+    json_path = onnx_json_path(path)
+    for other in written[1:]:
+        if same(other) == same(path):
+            suggestion = os.path.splitext(path)[0] + ".onnx"
+            what = "its metadata JSON" if other == json_path else "a temporary file"
+            raise ExportError(f"cannot export to {path}: {what} would be written to {other}, the same file, "
+                              f"overwriting the ONNX file; name the ONNX file e.g. {suggestion}")
+    for kept in keep:
+        for target in written:
+            if kept and os.path.exists(kept) and same(target) == same(kept):
+                what = "the ONNX file" if target == path else f"its metadata {json_path}" if target == json_path \
+                    else f"its temporary file {target}"
+                raise ExportError(f"cannot export to {path}: {what} would overwrite {kept}; choose another name")
 
 
 def _onnxruntime_version():

@@ -8,6 +8,7 @@ import datetime
 import json
 import logging
 import os
+import pickle
 import random
 import re
 import socket
@@ -337,16 +338,47 @@ def _torch_load(path):
         return torch.load(path, map_location="cpu", weights_only=True)
 
 
+_TORCH_ADVICE = re.compile(r"weights[_ ]only|unpickl|trusted source|file an issue|torch\.load", re.I)
+
+
+def _unreadable(path, exc):
+    """The CheckpointError for a file ``torch.load(weights_only=True)`` refused or could not parse.
+
+    It says what the file is not and why, in one line; it never passes on PyTorch's advice to
+    load the file again without ``weights_only`` (that runs the file's code: unsafe for a file of
+    unknown origin)."""
+    text = str(exc)
+    if "Unsupported global" in text or "GLOBAL " in text:
+        found = re.search(r"GLOBAL ([\w.]+)", text)
+        what = f" (it stores a {found.group(1)} object)" if found else ""
+        return CheckpointError(f"{path} is not a checkpoint or state dict this tool can read safely: it holds "
+                               f"pickled Python objects{what}, which are not loaded for safety; save its "
+                               f"state_dict instead")
+    reason = re.search(r"WeightsUnpickler error:(.*?)(?:Check the documentation|$)", text, re.S)
+    detail = clean_message(reason.group(1) if reason else exc, limit=160)
+    if _TORCH_ADVICE.search(detail):
+        detail = ""
+    elif isinstance(exc, (KeyError, EOFError)) and detail != type(exc).__name__:  # a bare '101' says nothing
+        detail = f"{type(exc).__name__}: {detail}"
+    return CheckpointError(f"{path} is not a checkpoint or state dict this tool can read safely: it is corrupt "
+                           f"or not a PyTorch checkpoint" + (f" ({detail})" if detail else ""))
+
+
 def load_checkpoint_file(path):
     """Load a checkpoint of primitives with ``weights_only=True``; one-line errors otherwise.
 
     A stored ``argparse.Namespace`` (DeiT's ``main.py``, timm's ``train.py``) comes back as a
-    plain dict under the same key."""
+    plain dict under the same key. A file that is corrupt, not a PyTorch file, or pickles other
+    objects is refused (``_unreadable``); nothing in it is unpickled."""
     if path.startswith("http://") or path.startswith("https://"):
         try:
             obj = torch.hub.load_state_dict_from_url(path, map_location="cpu", check_hash=False,
                                                      weights_only=True)
+        except pickle.UnpicklingError as e:  # fetched, but refused by the weights-only reader
+            raise _unreadable(path, e) from e
         except Exception as e:  # network and format errors alike: name them in one line
+            if _TORCH_ADVICE.search(str(e)):
+                raise _unreadable(path, e) from e
             raise CheckpointError(f"could not fetch checkpoint {path}: {type(e).__name__}: {clean_message(e)}") from e
     else:
         if not os.path.exists(path):
@@ -362,13 +394,7 @@ def load_checkpoint_file(path):
         try:
             obj = _torch_load(path)
         except Exception as e:  # torch.load raises many types for bad files: name them in one line
-            text = clean_message(e)
-            if "Unsupported global" in str(e) or "GLOBAL " in str(e):
-                found = re.search(r"GLOBAL ([\w.]+)", str(e))
-                what = f" (it stores a {found.group(1)} object)" if found else ""
-                raise CheckpointError(f"{path} holds pickled Python objects{what}, which are not loaded for "
-                                      f"safety; save its state_dict instead") from e
-            raise CheckpointError(f"{path} is corrupt or not a PyTorch checkpoint ({text})") from e
+            raise _unreadable(path, e) from e
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} does not hold a state dict or checkpoint dict (found {type(obj).__name__})")
     return {k: (vars(v) if isinstance(v, argparse.Namespace) else v) for k, v in obj.items()}
