@@ -434,8 +434,8 @@ class Bench:
                        teacher=self.dense, resume=state, tag=f"  {variant} finetune")
             after = engine.evaluate(self.val, model, self.cpu)["acc1"]
         ft_seconds = time.time() - t_ft
-        speeds = engine.interleaved_throughput([self.dense, model.eval()], self.cpu, a.throughput_batch, INPUT_SIZE,
-                                               rounds=a.throughput_rounds)
+        speeds = [s["images_per_s"] for s in engine.interleaved_throughput(
+            [self.dense, model.eval()], self.cpu, a.throughput_batch, INPUT_SIZE, rounds=a.throughput_rounds)]
         row = {"key": unit_key(budget, variant, seed), "budget": budget, "variant": variant, "seed": seed,
                "acc1_before": found["acc1_before"], "acc1_after": after, "dense_acc1": self.dense_acc1,
                "gmacs": counted["macs"] / 1e9, "dense_gmacs": self.dense_gmacs,

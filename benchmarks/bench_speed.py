@@ -8,7 +8,9 @@ copies with ~40% and ~60% fewer MACs that mix head, neuron and token reduction (
 rankings), then times dense and compressed forwards interleaved under ``torch.inference_mode``
 (warm-up first, medians over repeats). Prints, per compressed model, the MACs ratio
 (dense / compressed), the measured speed-up (dense time / compressed time) and their quotient
-(1.0 = the speed-up the MACs promise). On CUDA the forwards run under bf16 autocast.
+(1.0 = the speed-up the MACs promise). On CUDA the models run in bf16 weights (engine.inference_copy,
+the dtype handling of ``main.py --throughput``), elsewhere in float32; forwards are timed by
+latency.time_calls.
 
 With ``--onnxruntime`` every model is also exported with ``models.export_onnx`` (verified against
 PyTorch) and run in ONNX Runtime's CPU execution provider, interleaved with the PyTorch eager
@@ -29,7 +31,9 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import engine  # noqa: E402
 import flops  # noqa: E402
+import latency  # noqa: E402
 import models  # noqa: E402
 from pruning import apply_spec, model_dims, policy_from_vector, policy_to_spec  # noqa: E402
 
@@ -107,17 +111,9 @@ def main():
                   f"{[len(n) for n in spec['neurons']]}, tokens {spec['tokens']['keep_rates'] if spec['tokens'] else None}"
                   f" -> kept {[b.token_keep for b in m.blocks if hasattr(b, 'token_keep')]}", flush=True)
 
-    x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-
-    def timed(fn):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - t0
+    dtype = engine.inference_dtype(device, "bfloat16")  # bf16 weights and input on CUDA, float32 elsewhere
+    models_ = {name: engine.inference_copy(m, device, dtype) for name, m in models_.items()}
+    x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device, dtype=dtype)
 
     # runners[engine][model] = a call that runs one batch
     runners = {"eager": {name: (lambda m=m: m(x)) for name, m in models_.items()}}
@@ -125,15 +121,13 @@ def main():
         if args.onnxruntime:
             runners.update(export_runners(models_, args, args.onnx_dir or tmp, x))
         times = {eng: {name: [] for name in models_} for eng in runners}
-        with torch.inference_mode(), amp:
-            for _ in range(args.warmup):
-                for name in models_:
-                    for eng in runners:
-                        runners[eng][name]()
-            for rep in range(args.repeats):
-                for name in models_:          # interleaved: every model and engine once per round
-                    for eng in runners:
-                        times[eng][name].append(timed(runners[eng][name]))
+        order = [(eng, name) for name in models_ for eng in runners]  # interleaved: every model and engine once per round
+        with torch.inference_mode():
+            for rep in range(args.repeats):  # one round per call keeps every repeat's times (paired medians)
+                ms = latency.time_calls([runners[eng][name] for eng, name in order], device, rounds=1, reps=1,
+                                        warmup=args.warmup if rep == 0 else 0)
+                for (eng, name), t in zip(order, ms):
+                    times[eng][name].append(t / 1e3)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"{args.model} {args.img_size}px batch {args.batch_size} on {device} ({torch.get_num_threads()} threads, "
           f"{os.cpu_count()} CPUs, 1-min load average {load:.1f}), median of {args.repeats} interleaved repeats")

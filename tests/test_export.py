@@ -242,7 +242,7 @@ def test_compiled_compressed_model_equals_eager():
         got, ref = compiled(x), model(x)
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
     assert engine.throughput(model, torch.device("cpu"), batch_size=4, input_size=32, warmup=1, repeats=2,
-                             compile=True) > 0
+                             compile=True)["images_per_s"] > 0
 
 
 def test_readme_preprocess_equals_the_evaluation_transform():
