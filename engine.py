@@ -1,5 +1,6 @@
 """One training epoch, evaluation and throughput: device-agnostic (CPU, CUDA, AMP on CUDA)."""
 import contextlib
+import copy
 import dataclasses
 import json
 import logging
@@ -21,11 +22,13 @@ from timm.utils import ModelEmaV3
 
 import expected_improvement as ei
 import flops
+import latency
+import plots
 import pruning
 from models import load, load_state_strict, save_model_file
 from utils import (Progress, UserError, all_reduce_sum, append_jsonl, broadcast_object, check_run_identity,
-                   decide_on_rank0, format_seconds, load_checkpoint_file, markdown_table, read_jsonl, save_atomic,
-                   write_json_atomic, write_jsonl)
+                   clean_message, decide_on_rank0, format_seconds, load_checkpoint_file, markdown_table, read_jsonl,
+                   save_atomic, write_json_atomic, write_jsonl)
 
 logger = logging.getLogger("vitcompress")
 
@@ -34,10 +37,37 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
-def autocast(device, enabled):
-    if enabled and device.type == "cuda":
-        return torch.autocast(device_type="cuda", dtype=torch.float16)
+HALF_DTYPES = ("bfloat16", "float16")  # --amp-dtype's choices; the first is the default
+
+
+def half_dtype(amp):
+    """The half-precision dtype that an ``amp`` setting names: None when mixed precision is off
+    (False, None), torch.bfloat16 for True (the default), else the dtype given as a torch dtype or
+    by name ("bfloat16", "float16"). Every function of this module that takes ``amp`` reads it so."""
+    if not amp:
+        return None
+    if amp is True:
+        return getattr(torch, HALF_DTYPES[0])
+    name = str(amp).replace("torch.", "")
+    if name not in HALF_DTYPES:
+        raise ValueError(f"amp={amp!r}: expected True, False or one of {HALF_DTYPES}")
+    return getattr(torch, name)
+
+
+def autocast(device, enabled, dtype=None):
+    """The mixed-precision context of training and evaluation: CUDA autocast in ``dtype`` (by
+    default the dtype ``enabled`` names, see half_dtype: bfloat16 for True) when ``enabled`` and
+    ``device`` is a CUDA device; a no-op context otherwise."""
+    dtype = half_dtype(dtype if dtype is not None else enabled) if enabled else None
+    if dtype is not None and torch.device(device).type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=dtype)
     return contextlib.nullcontext()
+
+
+def needs_grad_scaler(amp):
+    """Whether training under ``amp`` needs loss scaling: float16 does (its range underflows small
+    gradients), bfloat16 (float32's range) and full precision do not."""
+    return half_dtype(amp) == torch.float16
 
 
 class DistillationLoss(torch.nn.Module):
@@ -160,52 +190,167 @@ def evaluate(loader, model, device, amp=False, log_every=0, header="Test"):
             "loss": sums[0].item() / n, "n": int(sums[3].item())}
 
 
-def compile_model(model, device, fullgraph=False):
-    """``torch.compile`` for inference at fixed shapes (inductor). On a CPU inductor builds C++
-    kernels, so a missing compiler is reported as a one-line UserError before compiling.
-    ``fullgraph=True`` makes any graph break an error (the test of the token-reducing block)."""
-    if torch.device(device).type == "cpu":
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")  # torch.compile's modes that --compile takes
+
+
+def compile_model(model, device, fullgraph=False, mode="default"):
+    """``torch.compile`` for inference at fixed shapes (inductor) in torch.compile's ``mode``
+    (COMPILE_MODES; reduce-overhead replays CUDA graphs, so off CUDA it compiles as default and
+    says so). On a CPU inductor builds C++ kernels, so a missing compiler is reported as a one-line
+    UserError before compiling. ``fullgraph=True`` makes any graph break an error (the test of the
+    token-reducing block)."""
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"unknown torch.compile mode {mode!r}; expected one of {COMPILE_MODES}")
+    device = torch.device(device)
+    if device.type == "cpu":
         cxx = os.environ.get("CXX", "g++")
         if shutil.which(cxx) is None:
             raise UserError(f"torch.compile on a CPU needs a C++ compiler and '{cxx}' is not on PATH "
                             f"(Debian/Ubuntu: apt-get install g++); or run without --compile")
-    return torch.compile(model, dynamic=False, fullgraph=fullgraph)
+    if mode == "reduce-overhead" and device.type != "cuda":
+        logger.warning(f"--compile reduce-overhead replays CUDA graphs; on {device} it compiles as default")
+    return torch.compile(model, dynamic=False, fullgraph=fullgraph, mode=mode)
+
+
+def runtime_name(compile=False, cuda_graph=False):
+    """How inference forwards run, as the reports name it: "eager", "compile:MODE" (``compile`` is
+    True for the default mode, or a COMPILE_MODES name) or "cuda-graph". Both at once is a UserError."""
+    if compile and cuda_graph:
+        raise UserError("--cuda-graph captures the eager forward; for a compiled forward replayed in CUDA graphs "
+                        "use --compile reduce-overhead, not both")
+    if cuda_graph:
+        return "cuda-graph"
+    if compile:
+        mode = "default" if compile is True else compile
+        if mode not in COMPILE_MODES:
+            raise ValueError(f"unknown torch.compile mode {mode!r}; expected one of {COMPILE_MODES}")
+        return f"compile:{mode}"
+    return "eager"
+
+
+def check_cuda_graph(device):
+    """--cuda-graph's precondition, checked before any work: a CUDA device (one-line UserError otherwise)."""
+    if torch.device(device).type != "cuda":
+        raise UserError(f"--cuda-graph captures and replays CUDA graphs: it needs a CUDA device, not {device} "
+                        f"(run without --cuda-graph, or with --device cuda)")
+
+
+def inference_dtype(device, amp):
+    """The dtype in which inference speed is measured: on CUDA the half dtype ``amp`` names (see
+    half_dtype; the model's weights and input in it, no autocast) or float32 when amp is off; on
+    every other device float32."""
+    if torch.device(device).type == "cuda":
+        return half_dtype(amp) or torch.float32
+    return torch.float32
+
+
+def inference_copy(model, device, dtype):
+    """``model`` in eval mode on ``device`` with its floating-point weights and buffers in ``dtype``:
+    the model itself when it already is so, else a converted copy (the caller's model keeps its
+    device and dtype)."""
+    device = torch.device(device)
+
+    def fits(t):
+        return (t.device.type == device.type and device.index in (None, t.device.index)
+                and (not t.is_floating_point() or t.dtype == dtype))
+    if not all(fits(t) for t in list(model.parameters()) + list(model.buffers())):
+        model = copy.deepcopy(model).to(device=device, dtype=dtype)
+    return model.eval()
+
+
+def cuda_graph_call(model, x):
+    """Capture ``model(x)`` in a CUDA graph over a static copy of the batch ``x`` (after warm-up
+    forwards on a side stream, as capture needs); returns a call that replays the graph and returns
+    its output. A forward that cannot be captured (e.g. one that waits on the host) is a one-line
+    UserError."""
+    static = x.clone()
+    side, main = torch.cuda.Stream(device=x.device), torch.cuda.current_stream(x.device)
+    side.wait_stream(main)
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            model(static)
+    main.wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            out = model(static)
+    except RuntimeError as e:
+        raise UserError(f"this model's forward cannot be captured in a CUDA graph ({clean_message(e, 160)}); "
+                        f"run without --cuda-graph") from e
+
+    def replay():
+        graph.replay()
+        return out
+    return replay
 
 
 @torch.no_grad()
-def throughput(model, device, batch_size=64, input_size=224, amp=False, warmup=3, repeats=10, compile=False):
-    """Images per second: warm-up, then ``repeats`` timed batches; returns the median rate.
-    ``compile=True`` measures ``compile_model(model)``: the first warm-up batch compiles (not timed)."""
-    model.eval()
-    if compile:
-        model = compile_model(model, device)
-        warmup = max(int(warmup), 1)
+def throughput(model, device, batch_size=64, input_size=224, amp=False, warmup=3, repeats=10, compile=False,
+               cuda_graph=False, reps=None):
+    """Inference speed of one model: interleaved_throughput([model], ...)[0], with ``repeats``
+    timed rounds after ``warmup`` untimed ones. Returns {"images_per_s" (at ``batch_size``),
+    "batch_ms", "batch1_ms", "batch", "dtype", "runtime", "device"}."""
+    return interleaved_throughput([model], device, batch_size, input_size, amp=amp, rounds=repeats, warmup=warmup,
+                                  reps=reps, compile=compile, cuda_graph=cuda_graph)[0]
+
+
+@torch.no_grad()
+def interleaved_throughput(models, device, batch_size, input_size, amp=False, rounds=15, warmup=2, reps=None,
+                           compile=False, cuda_graph=False):
+    """Inference speed of each of ``models``, measured in one run: every model at ``batch_size``
+    and at batch 1, in ``inference_dtype(device, amp)`` (a converted copy where needed: bf16/fp16
+    weights on CUDA, float32 elsewhere), run eagerly, ``compile``d (True or a COMPILE_MODES name)
+    or replayed from a CUDA graph (``cuda_graph``; CUDA only, refused elsewhere before any work).
+    Each forward is built (compiled, captured) and run once untimed, then latency.time_calls times
+    them all interleaved: ``warmup`` untimed rounds, then the median over ``rounds`` rounds of
+    ``reps`` back-to-back forwards (CUDA events on CUDA; by default 3 there, 1 elsewhere, where the
+    host clock times each forward on its own). Returns one dict per model:
+    {"images_per_s" (at ``batch_size``), "batch_ms", "batch1_ms" (ms per forward), "batch",
+    "dtype", "runtime" (runtime_name), "device"}. A batch that does not fit is a UserError."""
+    device = torch.device(device)
+    runtime = runtime_name(compile, cuda_graph)
+    if cuda_graph:
+        check_cuda_graph(device)
+    dtype = inference_dtype(device, amp)
+    reps = reps or (3 if device.type == "cuda" else 1)
     try:
-        return _timed_batches(model, device, batch_size, input_size, amp, warmup, repeats, compile)
+        prepared = [inference_copy(m, device, dtype) for m in models]
+        with torch.inference_mode():
+            times = _timed_batches(prepared, device, batch_size, input_size, dtype, compile, cuda_graph,
+                                   warmup, rounds, reps, runtime)
     except RuntimeError as e:  # torch.OutOfMemoryError, or the CPU allocator's "can't allocate memory"
         if "memory" not in str(e) and "alloc" not in str(e):
             raise
         raise UserError(f"a batch of {batch_size} does not fit in memory on {device}; use a smaller "
                         f"--throughput-batch") from e
+    name = str(dtype).replace("torch.", "")
+    return [{"images_per_s": batch_size * 1e3 / ms, "batch_ms": ms, "batch1_ms": ms1, "batch": batch_size,
+             "dtype": name, "runtime": runtime, "device": str(device)} for ms, ms1 in times]
 
 
-def _timed_batches(model, device, batch_size, input_size, amp, warmup, repeats, compile):
-    x = torch.randn(batch_size, 3, input_size, input_size, device=device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    with torch.inference_mode(), autocast(device, amp):
-        t0 = time.perf_counter()
-        for _ in range(warmup):
-            model(x)
-        sync()
+def _timed_batches(models, device, batch_size, input_size, dtype, compile, cuda_graph, warmup, rounds, reps,
+                   runtime):
+    """[(ms per forward at ``batch_size``, ms per forward at batch 1)] of each prepared model
+    (inference_copy), timed together by latency.time_calls after one untimed build-and-run of
+    every forward (one forward per model when ``batch_size`` is 1). Call under torch.inference_mode."""
+    calls, t0 = [], time.perf_counter()
+    batches = (batch_size, 1) if batch_size != 1 else (1,)
+    for model in models:
         if compile:
-            logger.info(f"torch.compile and {warmup} warm-up batches took {time.perf_counter() - t0:.1f} s")
-        rates = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            model(x)
-            sync()
-            rates.append(batch_size / (time.perf_counter() - t0))
-    return statistics.median(rates)
+            model = compile_model(model, device, mode="default" if compile is True else compile)
+        for batch in batches:
+            x = torch.randn(batch, 3, input_size, input_size, device=device, dtype=dtype)
+            calls.append(cuda_graph_call(model, x) if cuda_graph else (lambda m=model, x=x: m(x)))
+    for call in calls:  # compiles, first-use allocations: not timed
+        call()
+    latency.synchronize(device)
+    if compile or cuda_graph:
+        logger.info(f"{runtime}: building and first running {len(calls)} forwards took "
+                    f"{time.perf_counter() - t0:.1f} s")
+    ms = latency.time_calls(calls, device, rounds=max(int(rounds), 1), reps=max(int(reps), 1),
+                            warmup=max(int(warmup), 1))
+    step = len(batches)
+    return list(zip(ms[0::step], ms[step - 1::step]))
 
 
 # --------------------------------------------------------------------------- the training loop
@@ -286,7 +431,7 @@ def _training_parts(model, recipe, steps_per_epoch, num_classes, teacher, amp):
         base = torch.nn.CrossEntropyLoss()
     criterion = DistillationLoss(base, teacher, recipe.distillation, recipe.distillation_alpha,
                                  recipe.distillation_tau)
-    scaler = torch.amp.GradScaler("cuda") if amp else None
+    scaler = torch.amp.GradScaler("cuda") if needs_grad_scaler(amp) else None
     return optimizer, scheduler, mixup_fn, criterion, scaler
 
 
@@ -369,6 +514,8 @@ def fit(model, train_loader, val_loader, recipe, device, num_classes, run_dir=No
             _write_epoch(run_dir, inner, arch, optimizer, scheduler, scaler, model_ema, epoch, best, is_best,
                          stats, dict(extra or {}, log_record=record))
             append_jsonl(log_path, record)
+    if run_dir and rank == 0:  # loss and val top-1 per epoch, beside log.jsonl
+        plots.plot_training(log_path, os.path.join(run_dir, "training.png"))
     return stats
 
 
@@ -414,14 +561,6 @@ def _write_epoch(run_dir, model, arch, optimizer, scheduler, scaler, model_ema, 
                     os.path.join(run_dir, "best.pth"))
 
 
-def interleaved_throughput(models, device, batch_size, input_size, amp=False, rounds=15):
-    """Median images/s of each model, measured in interleaved rounds so that machine noise
-    hits all of them alike."""
-    rates = [[] for _ in models]
-    for _ in range(rounds):
-        for i, m in enumerate(models):
-            rates[i].append(throughput(m, device, batch_size, input_size, amp=amp, warmup=1, repeats=3))
-    return [statistics.median(r) for r in rates]
 # ----------------------------------------------------------------------------------------------
 # issue 11: search objectives (--search-objective {acc,loss,kl}); standalone functions.
 #
@@ -436,21 +575,38 @@ def interleaved_throughput(models, device, batch_size, input_size, amp=False, ro
 
 def compare_models(files, rows, device, batch_size, input_size, amp=False):
     """The pipeline's summary: the dense model file ``files[0]`` against the compressed ones
-    (``files[1:]``, one per prune+finetune result in ``rows``), images/s measured interleaved
-    in one run. Returns {"rows", "device", "throughput_batch", "markdown"}."""
+    (``files[1:]``, one per prune+finetune result in ``rows``), their speed measured interleaved in
+    one run by interleaved_throughput (``amp``'s half-precision weights on CUDA, float32 elsewhere):
+    images/s at ``batch_size`` and ms at batch 1, each speed-up over the dense model beside its MACs
+    ratio. Returns {"rows", "device", "throughput_batch", "dtype", "runtime", "markdown"}."""
     speeds = interleaved_throughput([load(p, device=device)[0] for p in files], device, batch_size, input_size, amp)
+    base = speeds[0]
+
+    def timing(s):
+        return {"images_per_s": s["images_per_s"], "batch1_ms": s["batch1_ms"],
+                "speedup": base["batch_ms"] / s["batch_ms"], "speedup_batch1": base["batch1_ms"] / s["batch1_ms"]}
+    timed = next((r for r in rows if r.get("predicted_ms") is not None), None)  # a row with a latency table
     table = [{"model": "dense", "gmacs": rows[0]["dense_gmacs"], "params": rows[0]["dense_params"],
-              "acc1": rows[0]["dense_acc1"], "acc1_before_finetune": None, "images_per_s": speeds[0],
-              "speedup": 1.0, "macs_ratio": 1.0, "file": files[0]}]
-    table += [{"model": f"-{100 * row['reduction']:.0f}% GMACs", "gmacs": row["gmacs"], "params": row["params"],
-               "acc1": row["acc1"], "acc1_before_finetune": row["acc1_before_finetune"], "images_per_s": speed,
-               "speedup": speed / speeds[0], "macs_ratio": row["dense_gmacs"] / row["gmacs"], "file": row["file"]}
+              "acc1": rows[0]["dense_acc1"], "acc1_before_finetune": None, **timing(base),
+              "macs_ratio": 1.0, "file": files[0], "predicted_ms": timed and timed["dense_predicted_ms"],
+              "measured_ms": timed and timed["dense_measured_ms"]}]
+    table += [{"model": row.get("label") or f"-{100 * row['reduction']:.0f}% GMACs", "gmacs": row["gmacs"],
+               "params": row["params"], "acc1": row["acc1"], "acc1_before_finetune": row["acc1_before_finetune"],
+               **timing(speed), "macs_ratio": row["dense_gmacs"] / row["gmacs"], "file": row["file"],
+               "predicted_ms": row.get("predicted_ms"), "measured_ms": row.get("measured_ms")}
               for row, speed in zip(rows, speeds[1:])]
-    text = markdown_table(table, [("model", "{}"), ("GMACs", "gmacs", "{:.4g}"), ("params (M)", "params", "{:.3f}", 1e-6),
-                                  ("val top-1", "acc1", "{:.2f}"), ("top-1 before finetune", "acc1_before_finetune", "{:.2f}"),
-                                  ("images/s", "images_per_s", "{:.0f}"), ("speed-up", "speedup", "{:.2f}x"),
-                                  ("MACs ratio", "macs_ratio", "{:.2f}x")])
-    return {"rows": table, "device": str(device), "throughput_batch": batch_size, "markdown": text}
+    columns = [("model", "{}"), ("GMACs", "gmacs", "{:.4g}"), ("params (M)", "params", "{:.3f}", 1e-6),
+               ("val top-1", "acc1", "{:.2f}"), ("top-1 before finetune", "acc1_before_finetune", "{:.2f}"),
+               ("images/s", "images_per_s", "{:.0f}"), ("speed-up", "speedup", "{:.2f}x"),
+               ("batch-1 ms", "batch1_ms", "{:.3g}"), ("batch-1 speed-up", "speedup_batch1", "{:.2f}x"),
+               ("MACs ratio", "macs_ratio", "{:.2f}x")]
+    if timed:  # the latency table's batch, measured when the model was finetuned
+        batch = timed["latency_table"]["measured_on"]["batch"]
+        columns += [(f"predicted ms (batch {batch})", "predicted_ms", "{:.4g}"),
+                    (f"measured ms (batch {batch})", "measured_ms", "{:.4g}")]
+    text = markdown_table(table, columns)
+    return {"rows": table, "device": str(device), "throughput_batch": batch_size, "dtype": base["dtype"],
+            "runtime": base["runtime"], "markdown": text}
 
 
 SEARCH_OBJECTIVES = ("acc", "loss", "kl")
@@ -539,13 +695,13 @@ def objective_value(stats, objective):
 
 
 def policy_scorer(dense, rankings, loader, device, objective="acc", round_to=8, fuse=False, rounding="exact",
-                  convention="exact", amp=False, extra=None):
+                  convention="exact", amp=False, extra=None, latency_table=None):
     """``evaluate(x) -> (score, record)`` for ``expected_improvement.run_search``: slice ``dense``
     to the policy vector x (pruning.policy_vector's layout) keeping the components ``rankings``
     rank highest, and score it on the fixed, unshuffled hold-out ``loader`` with ``objective``
     (objective_value). The record holds the policy, its counted GMACs and parameters, the budget
-    GMACs under ``convention``, top-1, loss and KL, plus ``extra``. The dense model's outputs for
-    the KL are computed once, here."""
+    GMACs under ``convention``, top-1, loss and KL, the ms per batch ``latency_table`` predicts
+    (None without one), plus ``extra``. The dense model's outputs for the KL are computed once, here."""
     dims = pruning.model_dims(dense)
     depth = dims["depth"]
     reference = reference_outputs(dense, loader, device, amp)
@@ -557,7 +713,9 @@ def policy_scorer(dense, rankings, loader, device, objective="acc", round_to=8, 
         return objective_value(stats, objective), dict({
             "policy": policy, "gmacs": counted["macs"] / 1e9, "params": counted["params"], "acc1": stats["acc1"],
             "budget_gmacs": float(flops.policy_gmacs(dims, x, round_to, convention)),
-            "loss": stats["loss"], "kl": stats["kl"]}, **(extra or {}))
+            "loss": stats["loss"], "kl": stats["kl"],
+            "predicted_ms": None if latency_table is None else latency.predict_ms(latency_table, dims, x, round_to,
+                                                                                  rounding)}, **(extra or {}))
     return evaluate
 # ----------------------------------------------------------------------------------------------
 
@@ -584,20 +742,40 @@ class SearchSettings:
     seed: int = 0
     active: Tuple[bool, bool, bool] = (True, True, True)  # heads, neurons, tokens searched
     search_flops: Optional[float] = None  # the budget in GMACs, or
-    search_reduction: Optional[float] = None  # the fraction of the dense model's GMACs removed
+    search_reduction: Optional[float] = None  # the fraction of the dense model's GMACs removed, or
+    search_speedup: Optional[float] = None  # a speed-up over the dense model predicted by a latency table, or
+    search_latency_ms: Optional[float] = None  # milliseconds per batch predicted by a latency table
 
     take = classmethod(Recipe.take.__func__)
 
-    def target(self, dense_gmacs):
-        """The budget in GMACs for a dense model of ``dense_gmacs``."""
-        if self.search_flops is None and self.search_reduction is None:
-            raise UserError(f"--search needs a budget: --search_flops GMACS (the dense model has {dense_gmacs:.3f}) "
-                            f"or --search-reduction FRACTION")
+    @property
+    def latency_budget(self):
+        """True when the budget is a latency (a speed-up or ms on a latency table's device), not MACs."""
+        return self.search_speedup is not None or self.search_latency_ms is not None
+
+    def target(self, dense_gmacs, dense_ms=None):
+        """The budget: GMACs for a dense model of ``dense_gmacs``, or with a latency budget the
+        milliseconds per batch for a dense model predicted at ``dense_ms``."""
+        given = [v is not None for v in (self.search_flops, self.search_reduction, self.search_speedup,
+                                         self.search_latency_ms)]
+        if sum(given) > 1:
+            raise UserError("give one budget: --search_flops, --search-reduction, --search-speedup or "
+                            "--search-latency-ms")
+        if not any(given):
+            raise UserError(f"--search needs a budget: --search_flops GMACS (the dense model has {dense_gmacs:.3f}), "
+                            f"--search-reduction FRACTION, --search-speedup X or --search-latency-ms MS")
+        if self.latency_budget:
+            if dense_ms is None:
+                raise ValueError("a latency budget needs the dense model's predicted ms (a latency table)")
+            return self.search_latency_ms if self.search_latency_ms is not None else dense_ms / self.search_speedup
         return self.search_flops if self.search_flops is not None else dense_gmacs * (1 - self.search_reduction)
 
-    def identity(self, sampler):
-        """What defines a search of ``sampler``'s space under these settings (its run.json)."""
-        return {"target_gmacs": sampler.target, "seed": self.seed, "mode": self.search_mode,
+    def identity(self, sampler, table=None):
+        """What defines a search of ``sampler``'s space under these settings (its run.json); a latency
+        budget adds the latency table's hash and what it was measured on."""
+        budget = ({"target_ms": sampler.target, "latency_table": latency.table_identity(table)} if table is not None
+                  else {"target_gmacs": sampler.target})
+        return {**budget, "seed": self.seed, "mode": self.search_mode,
                 "objective": self.search_objective, "active": sampler.active.tolist(), "max_ratio": self.search_max_ratio,
                 "tol": self.search_tol, "round_to": self.round_to, "fuse": self.fuse, "convention": self.flops_convention,
                 "population": self.search_population, "pool": self.search_pool}
@@ -606,14 +784,35 @@ class SearchSettings:
     def rounding(self):
         return "original" if self.flops_convention == "original" else "exact"
 
-    def space(self, dims, target_gmacs):
-        """The feasible policies of ``target_gmacs`` (under ``flops_convention``) for a model of
-        ``dims`` (pruning.model_dims): raises ei.InfeasibleTarget when none can meet it."""
+    def cost(self, dims, table=None):
+        """The budget's vectorised cost of policies for a model of ``dims``: GMACs under
+        ``flops_convention``, or with ``table`` the predicted ms per batch."""
+        if table is not None:
+            latency.check_table(table, dims)
+            return lambda X: latency.predict_ms(table, dims, X, self.round_to, self.rounding)
+        return lambda X: flops.policy_gmacs(dims, X, self.round_to, self.flops_convention)
+
+    def space(self, dims, target, table=None):
+        """The feasible policies of ``target`` (GMACs under ``flops_convention``, or with ``table``
+        predicted ms) for a model of ``dims`` (pruning.model_dims): raises ei.InfeasibleTarget when
+        none can meet it, saying what is reachable."""
         depth = dims["depth"]
         active = np.repeat(self.active, [depth, depth, 1])
-        return ei.FeasibleSampler(lambda X: flops.policy_gmacs(dims, X, self.round_to, self.flops_convention),
-                                  target_gmacs, dim=2 * depth + 1, upper=self.search_max_ratio, tol=self.search_tol,
-                                  active=active)
+        try:
+            return ei.FeasibleSampler(self.cost(dims, table), target, dim=2 * depth + 1, upper=self.search_max_ratio,
+                                      tol=self.search_tol, active=active, unit="ms" if table is not None else "GMACs")
+        except ei.InfeasibleTarget as e:
+            if table is None:
+                raise
+            cost = self.cost(dims, table)
+            fastest = float(cost(np.where(active, self.search_max_ratio, 0.0)[None, :])[0])
+            dense_ms = float(cost(np.zeros((1, 2 * depth + 1)))[0])
+            asked = (f"a speed-up of {self.search_speedup:g}x" if self.search_speedup is not None
+                     else f"a latency of {target:.4g} ms")
+            raise ei.InfeasibleTarget(
+                f"{asked} is not reachable on {latency.describe(table)}: policies up to --search-max-ratio "
+                f"{self.search_max_ratio:g} reach at most {dense_ms / fastest:.2f}x ({fastest:.4g} ms of the dense "
+                f"{dense_ms:.4g} ms, predicted); ask for less or raise --search-max-ratio") from e
 
 
 def _previous_search(out, identity):
@@ -627,7 +826,7 @@ def _previous_search(out, identity):
 
 
 def search_policy(dense, rankings, loader, sampler, settings, device, amp=False, out=None, identity=None,
-                  val_loader=None, record=None, distributed=False, rank=0):
+                  val_loader=None, record=None, distributed=False, rank=0, latency_table=None):
     """Search the policy of ``dense`` that scores best on the hold-out ``loader`` among the feasible
     ones of ``sampler`` (``settings.space``): ``search_population`` random policies, then
     ``search_epoch`` EI steps (or random ones), each candidate sliced by ``rankings`` and scored by
@@ -640,10 +839,13 @@ def search_policy(dense, rankings, loader, sampler, settings, device, amp=False,
     interruption, so the search continues as the uninterrupted one would), ``rankings.json``, and
     at the end ``best_policy.json`` and ``search.png``. Under torch.distributed every rank calls
     this; rank 0 decides, asks the GP and broadcasts. The best model is evaluated on
-    ``val_loader`` when given. Returns ``{"result" (best_policy.json's contents: policy, vector,
-    GMACs, scores, settings, the rankings, ``record``), "model" (the best policy's sliced model),
-    "history"}``."""
-    identity = dict(settings.identity(sampler), **(identity or {}))
+    ``val_loader`` when given. With a latency budget ``latency_table`` is the table the sampler
+    predicts with (``settings.space(..., table)``): it joins the identity, every record carries its
+    predicted ms, and the best model's ms are measured against the dense model's at the end (on the
+    table's device type). Returns ``{"result" (best_policy.json's contents: policy, vector, GMACs,
+    predicted and measured ms, scores, settings, the rankings, ``record``), "model" (the best
+    policy's sliced model), "history"}``."""
+    identity = dict(settings.identity(sampler, latency_table), **(identity or {}))
     history, found = decide_on_rank0(lambda: _previous_search(out, identity)) if out else ([], None)
     rankings = found or (rankings() if callable(rankings) else rankings)
     log_path = os.path.join(out, "search_log.jsonl") if out else None
@@ -657,7 +859,7 @@ def search_policy(dense, rankings, loader, sampler, settings, device, amp=False,
         logger.info(f"search: resuming after {len(history)} of {total} evaluations")
     score = policy_scorer(dense, rankings, loader, device, settings.search_objective, settings.round_to,
                           settings.fuse, settings.rounding, settings.flops_convention, amp,
-                          extra={"search": identity})
+                          extra={"search": identity}, latency_table=latency_table)
     t_start, done = time.time(), [0]
 
     def on_record(rec):
@@ -665,8 +867,9 @@ def search_policy(dense, rankings, loader, sampler, settings, device, amp=False,
             append_jsonl(log_path, rec)
         done[0] += 1
         eta = (time.time() - t_start) / done[0] * (total - rec["step"] - 1)
-        logger.info(f"search [{rec['step'] + 1}/{total}] {rec['phase']} gmacs {rec['gmacs']:.4g} acc {rec['acc1']:.2f} "
-                    f"eta {format_seconds(eta)}")
+        ms = f"predicted {rec['predicted_ms']:.4g} ms " if rec.get("predicted_ms") is not None else ""
+        logger.info(f"search [{rec['step'] + 1}/{total}] {rec['phase']} gmacs {rec['gmacs']:.4g} {ms}"
+                    f"acc {rec['acc1']:.2f} eta {format_seconds(eta)}")
     res = ei.run_search(score, sampler, settings.search_population, settings.search_epoch, seed=settings.seed,
                         mode=settings.search_mode, history=history, on_record=on_record,
                         share=broadcast_object if distributed else None, leader=rank == 0,
@@ -674,7 +877,13 @@ def search_policy(dense, rankings, loader, sampler, settings, device, amp=False,
     best, spent = res["best"], sum(r["seconds"] for r in res["history"])
     model = pruning.slice_model(dense, best["policy"], rankings, settings.round_to, settings.fuse, settings.rounding)
     val = evaluate(val_loader, model, device, amp) if val_loader is not None else None
-    result = {"policy": best["policy"], "vector": best["x"], "target_gmacs": sampler.target, "gmacs": best["gmacs"],
+    speed = {}
+    if latency_table is not None:
+        speed = latency.speed_record(latency_table, pruning.model_dims(dense), dense, model, np.asarray(best["x"]),
+                                     device, settings.round_to, settings.rounding)
+        speed.update(target_ms=sampler.target, latency_table=latency.table_identity(latency_table))
+    result = {"policy": best["policy"], "vector": best["x"], "target_gmacs": None if speed else sampler.target,
+              "gmacs": best["gmacs"], **speed,
               "dense_gmacs": flops.model_macs(dense, convention=settings.flops_convention)["macs"] / 1e9,
               "params": best["params"], "search_acc1": best["acc1"],
               "val_acc1_before_finetune": val and val["acc1"], "step": best["step"],
@@ -683,19 +892,25 @@ def search_policy(dense, rankings, loader, sampler, settings, device, amp=False,
               "budget_gmacs": best["budget_gmacs"], "round_to": settings.round_to, "fuse": settings.fuse,
               "gp_share": sum(r.get("gp_seconds", 0.0) for r in res["history"]) / spent
               if spent > 0 and settings.search_mode == "ei" else None, **(record or {}), "rankings": rankings}
-    logger.info(f"search done: best {settings.search_objective} {best['y']:.4g} on the search split at "
-                f"{best['budget_gmacs']:.4g} GMACs ({settings.flops_convention}; target {sampler.target:.4g}; exact "
-                f"{best['gmacs']:.4g})" + (f"; val top-1 before finetune {val['acc1']:.2f}" if val else ""))
+    if speed:
+        budget = (f"predicted {speed['predicted_ms']:.4g} ms ({speed['predicted_speedup']:.2f}x; target "
+                  f"{sampler.target:.4g} ms)" + (f", measured {speed['measured_ms']:.4g} ms ({speed['measured_speedup']:.2f}x "
+                                                  f"the dense model's {speed['dense_measured_ms']:.4g} ms)"
+                                                  if speed["measured_ms"] else "") + f", {best['gmacs']:.4g} GMACs")
+    else:
+        budget = (f"{best['budget_gmacs']:.4g} GMACs ({settings.flops_convention}; target {sampler.target:.4g}; exact "
+                  f"{best['gmacs']:.4g})")
+    logger.info(f"search done: best {settings.search_objective} {best['y']:.4g} on the search split at {budget}"
+                + (f"; val top-1 before finetune {val['acc1']:.2f}" if val else ""))
     if out and rank == 0:
         write_json_atomic(os.path.join(out, "best_policy.json"), result)
-        if not ei.plot_history(res["history"], os.path.join(out, "search.png"),
-                               f"{settings.search_objective} on the search split"):
-            logger.info("matplotlib is not installed: no search plot (pip install matplotlib)")
+        plots.plot_history(res["history"], os.path.join(out, "search.png"),
+                           f"{settings.search_objective} on the search split")
     return {"result": result, "model": model, "history": res["history"]}
 
 
 def prune_finetune(dense, dense_arch, policy, rankings, data, recipe, device, settings=None, run_dir=None,
-                   identity=None, distributed=False, amp=False, rank=0, extra=None, record=None):
+                   identity=None, distributed=False, amp=False, rank=0, extra=None, record=None, latency_table=None):
     """Slice ``dense`` (its ``dense_arch``) to ``policy``, keeping the components ``rankings``
     rank highest (a dict, or a function computing one, called only when needed), and finetune it
     by ``recipe``, distilling from ``dense`` unless the recipe says none. ``settings``
@@ -707,10 +922,14 @@ def prune_finetune(dense, dense_arch, policy, rankings, data, recipe, device, se
     settings' rounding, the recipe less its length, and the caller's ``identity``, e.g. the dense
     file and where the rankings came from; a different run's folder is refused), every epoch writes ``checkpoint.pth``, and at the end rank 0
     writes ``compressed.pth`` (load it with models.load; ``extra`` stored beside) and
-    ``result.json`` (``record``, e.g. the policy, then the figures). Returns result.json's contents."""
+    ``result.json`` (``record``, e.g. the policy, then the figures). With a ``latency_table`` (the
+    one a latency budget was searched with) the table joins the identity and result.json gains the
+    predicted and measured ms and speed-ups of the finetuned model against the dense one.
+    Returns result.json's contents."""
     settings = settings or SearchSettings()
     identity = {"policy": policy, "round_to": settings.round_to, "fuse": settings.fuse, "rounding": settings.rounding,
                 "recipe": {k: v for k, v in recipe.as_dict().items() if k not in ("epochs", "log_every", "max_steps")},
+                **({"latency_table": latency.table_identity(latency_table)} if latency_table is not None else {}),
                 **(identity or {})}
     ckpt_path, state = run_dir and os.path.join(run_dir, "checkpoint.pth"), None
     if run_dir and decide_on_rank0(lambda: check_run_identity(run_dir, identity, "prune+finetune")
@@ -738,11 +957,18 @@ def prune_finetune(dense, dense_arch, policy, rankings, data, recipe, device, se
                   dense_params=dense_m["params"], params=comp_m["params"], dense_acc1=dense_stats["acc1"],
                   acc1_before_finetune=before["acc1"], acc1=stats["acc1"], acc5=stats["acc5"],
                   finetune_epochs=recipe.epochs)
+    if latency_table is not None:
+        result.update(latency.speed_record(latency_table, pruning.model_dims(dense), dense, model,
+                                           pruning.policy_to_vector(policy), device, settings.round_to,
+                                           settings.rounding),
+                      latency_table=latency.table_identity(latency_table))
     if run_dir and rank == 0:
         result["file"] = os.path.join(run_dir, "compressed.pth")
         save_model_file(result["file"], model, arch, extra=dict(extra or {}, val=stats))
         write_json_atomic(os.path.join(run_dir, "result.json"), result)
         logger.info(f"compressed model written to {result['file']} (load it with models.load)")
     logger.info(f"prune+finetune done: val top-1 {stats['acc1']:.2f} (dense {dense_stats['acc1']:.2f}, "
-                f"before finetune {before['acc1']:.2f}) at {result['gmacs']:.4g} GMACs")
+                f"before finetune {before['acc1']:.2f}) at {result['gmacs']:.4g} GMACs"
+                + (f", measured {result['measured_speedup']:.2f}x the dense model's speed"
+                   if result.get("measured_speedup") else ""))
     return result

@@ -44,9 +44,9 @@ class InfeasibleTarget(ValueError):
     """The FLOPs target (with its tolerance) cannot be met by any policy in the box."""
 
 
-def _fmt_gmacs(v):
-    """Two decimals for ordinary ViTs, three significant digits for tiny models."""
-    return f"{v:.2f}" if abs(v) >= 0.1 else f"{v:.3g}"
+def _fmt_cost(v, unit="GMACs"):
+    """Two decimals for ordinary ViTs, three significant digits for tiny models, with the unit."""
+    return (f"{v:.2f}" if abs(v) >= 0.1 else f"{v:.3g}") + (f" {unit}" if unit else "")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -91,6 +91,7 @@ class FeasibleSampler:
         lower, upper: box bounds, scalars or arrays of length ``dim``.
         tol: relative tolerance of the budget.
         active: boolean mask of the coordinates that may be non-zero; the others are always 0.
+        unit: what ``flops_fn`` counts, for messages ("GMACs", or "ms" for a latency budget).
 
     Raises:
         InfeasibleTarget: when ``target +- tol`` lies outside :meth:`reachable_range`.
@@ -101,8 +102,9 @@ class FeasibleSampler:
     #: bisection steps on a segment before giving up on it
     max_bisect = 40
 
-    def __init__(self, flops_fn, target, dim, lower=0.0, upper=0.5, tol=0.02, active=None):
+    def __init__(self, flops_fn, target, dim, lower=0.0, upper=0.5, tol=0.02, active=None, unit="GMACs"):
         self.flops_fn = flops_fn
+        self.unit = unit
         self.dim = int(dim)
         if self.dim < 1:
             raise ValueError(f"dim must be positive, got {dim}")
@@ -134,8 +136,8 @@ class FeasibleSampler:
             else:
                 ratio = f"max ratio {span.max() if span.size else 0.0:g} (per-dimension bounds)"
             raise InfeasibleTarget(
-                f"target {_fmt_gmacs(self.target)} GMACs (+-{100 * self.tol:g}%) is outside the "
-                f"reachable range [{_fmt_gmacs(fmin)}, {_fmt_gmacs(fmax)}] GMACs ({ratio})")
+                f"target {_fmt_cost(self.target, unit)} (+-{100 * self.tol:g}%) is outside the "
+                f"reachable range [{_fmt_cost(fmin, '')}, {_fmt_cost(fmax, unit)}] ({ratio})")
 
     # -- FLOPs helpers ------------------------------------------------------------------------
 
@@ -283,8 +285,8 @@ class FeasibleSampler:
         fmin, fmax = self.reachable_range()
         raise InfeasibleTarget(
             f"found only {have} of {n} policies within +-{100 * self.tol:g}% of "
-            f"{_fmt_gmacs(self.target)} GMACs (reachable range [{_fmt_gmacs(fmin)}, "
-            f"{_fmt_gmacs(fmax)}]): the FLOPs steps of whole heads/neurons are coarser than the "
+            f"{_fmt_cost(self.target, self.unit)} (reachable range [{_fmt_cost(fmin, '')}, "
+            f"{_fmt_cost(fmax, self.unit)}]): the cost steps of whole heads/neurons are coarser than the "
             f"tolerance here; try a larger tolerance")
 
 
@@ -518,30 +520,3 @@ def run_search(evaluate, sampler, n_init, n_iter, seed=0, mode="ei", history=(),
     return {"best_x": None if best is None else np.asarray(best["x"]), "best_y": None if best is None else best["y"],
             "best": best, "history": history, "gp_seconds": opt.gp_seconds,
             "seconds": time.perf_counter() - t_start}
-
-
-def plot_history(history, path, ylabel="search objective"):
-    """Scatter of every evaluation and the best so far (PNG); needs matplotlib (optional).
-    Returns False when matplotlib is not installed."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    steps = [r["step"] for r in history]
-    ys = [r["y"] for r in history]
-    running = np.maximum.accumulate(ys) if ys else []
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.scatter(steps, ys, s=12, label="evaluated policy")
-    ax.plot(steps, running, color="C1", label="best so far")
-    n_init = sum(1 for r in history if r.get("phase") == "init")
-    if n_init:
-        ax.axvline(n_init - 0.5, color="grey", linestyle=":", label="end of random population")
-    ax.set_xlabel("evaluation")
-    ax.set_ylabel(ylabel)
-    ax.legend(loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return True

@@ -101,14 +101,38 @@ def _block_macs_original(blk, n_in, fused, num_prefix):
     return macs, n_out, fused
 
 
+def check_countable(model):
+    """Raise ``pruning.SpecError`` (a one-line user error) for a model whose cost this module cannot
+    count, and so which the search and prune+finetune cannot budget: an attention-pool head
+    (timm ``global_pool='map'``). Callers check a dense model with it before any work."""
+    if getattr(model, "attn_pool", None) is not None:
+        raise pruning.SpecError("attention-pool heads (timm global_pool='map') are not supported: their MACs are "
+                                "not counted, so the model cannot be budgeted or compressed; use a model with a "
+                                "class-token or average-pooled head")
+
+
+def check_compressible(model, round_to=1):
+    """Raise ``pruning.SpecError`` (one line) before any work when the search or prune+finetune
+    cannot do what it is asked on dense ``model``: a head ``check_countable`` refuses, or a
+    ``round_to`` (``--round-to``) at least as large as the narrowest MLP. Kept neuron counts are
+    multiples of ``round_to``, at least ``round_to`` and at most the width (``pruning.kept_count``),
+    so such a block would keep every neuron whatever its removal ratio, silently."""
+    check_countable(model)
+    widths = pruning.model_dims(model)["mlp_hidden"]
+    narrow = min(range(len(widths)), key=lambda b: widths[b])
+    if int(round_to) > 1 and int(round_to) >= widths[narrow]:
+        raise pruning.SpecError(f"--round-to {int(round_to)} would keep every neuron of block {narrow}'s MLP "
+                                f"({widths[narrow]} neurons: kept counts are multiples of {int(round_to)}, at most "
+                                f"the width); use a --round-to below {widths[narrow]} (1: exact ratios)")
+
+
 def model_macs(model, input_size=None, convention="exact"):
     """{"macs": int, "params": int, "gmacs": float} of ``model`` at ``input_size`` (int, (H, W) or
     (C, H, W); default the model's image size), from its live shapes and token schedule, counted
     in ``convention`` ("exact" or "original", see the module docstring)."""
     _check_convention(convention)
     blocks = pruning.vit_blocks(model)
-    if getattr(model, "attn_pool", None) is not None:
-        raise ValueError("attention-pool heads (global_pool='map') are not supported by model_macs")
+    check_countable(model)
     pe = model.patch_embed
     conv = pe.proj
     if not isinstance(conv, nn.Conv2d):
@@ -148,46 +172,26 @@ def policy_gmacs(dims, X, round_to=1, convention="exact", rounding=None):
     _check_convention(convention)
     if rounding is None:
         rounding = "exact" if convention == "exact" else "original"
-    pruning._check_rounding(rounding)
     if convention == "original" and rounding != "original":
         raise ValueError("the original FLOPs convention counts with the original rounding only")
     X = np.asarray(X, dtype=np.float64)
     single = X.ndim == 1
     X = np.atleast_2d(X)
-    depth = int(dims["depth"])
-    if X.ndim != 2 or X.shape[1] != 2 * depth + 1:
-        raise pruning.SpecError(f"policy vectors must have 2*{depth}+1 = {2 * depth + 1} entries, got shape {X.shape}")
+    shapes = pruning.policy_shapes(dims, X, round_to, rounding)   # checks the rounding, shape and ratios
     width, hd = int(dims["embed_dim"]), int(dims["head_dim"])
     num_prefix, num_patches = int(dims["num_prefix_tokens"]), int(dims["num_patches"])
-    heads_kept = pruning.kept_count(np.asarray(dims["num_heads"], np.int64)[None, :], X[:, :depth],
-                                    rounding=rounding)
-    neurons_kept = pruning.kept_count(np.asarray(dims["mlp_hidden"], np.int64)[None, :], X[:, depth:2 * depth],
-                                      round_to, rounding)
-    rate = X[:, 2 * depth]
-    pruning.check_ratio(rate, "token rate")
-    schedule = pruning.token_schedule(depth)
     if convention == "original":
-        out = _original_formula(width, hd, num_prefix + num_patches, schedule, heads_kept, neurons_kept, rate)
+        out = _original_formula(width, hd, num_prefix + num_patches, pruning.token_schedule(int(dims["depth"])),
+                                shapes["heads"], shapes["neurons"], X[:, -1])
         return out[0] if single else out
-    if rounding == "original":
-        kept = pruning.original_kept_tokens(num_patches, num_prefix, rate, len(schedule))
-    else:
-        kept = [pruning.kept_tokens(num_patches, kr) for kr in pruning.token_keep_rates(rate, len(schedule))]
-    keep = dict(zip(schedule, kept))
     qkv_per_chan = 4 if dims.get("attn_gate") else 3
-    n_tok = np.full(X.shape[0], num_prefix + num_patches, dtype=np.int64)
     ph, pw = dims["patch_size"]
+    n_tok, attn_dim = shapes["tokens"], shapes["heads"] * hd
     macs = np.full(X.shape[0], num_patches * width * int(dims["in_chans"]) * ph * pw, dtype=np.int64)
-    for b in range(depth):
-        attn_dim = heads_kept[:, b] * hd
-        macs += n_tok * width * attn_dim * (qkv_per_chan + 1) + 2 * n_tok * n_tok * attn_dim
-        n_out = n_tok
-        if b in keep:
-            n_out, active = pruning.tokens_after_reduction(n_tok, num_prefix, keep[b])
-            n_out = n_out.astype(np.int64)
-            macs += np.where(active, n_tok * attn_dim, 0)
-        macs += 2 * n_out * width * neurons_kept[:, b]
-        n_tok = n_out
+    macs += (n_tok * width * attn_dim * (qkv_per_chan + 1) + 2 * n_tok * n_tok * attn_dim).sum(axis=1)
+    macs += np.where(shapes["reduces"], n_tok * attn_dim, 0).sum(axis=1)     # class-token attention row
+    macs += (2 * shapes["mlp_tokens"] * width * shapes["neurons"]).sum(axis=1)
+    n_tok = shapes["out_tokens"]
     n_heads = int(dims.get("num_classifier_heads", 1))
     vectors = n_tok if (n_heads == 1 and dims.get("global_pool", "token") == "") else 1
     macs += vectors * n_heads * width * int(dims["num_classes"])

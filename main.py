@@ -31,8 +31,9 @@ class Later:
 
 
 np, torch = Later("numpy"), Later("torch")
-datasets, dc, engine = Later("datasets"), Later("dependency_criterion"), Later("engine")
-ei, flops, models, pruning, utils = (Later(name) for name in ("expected_improvement", "flops", "models", "pruning", "utils"))
+datasets, dc, engine, latency = Later("datasets"), Later("dependency_criterion"), Later("engine"), Later("latency")
+ei, flops, models, plots, pruning, utils = (Later(name) for name in ("expected_improvement", "flops", "models", "plots",
+                                                                     "pruning", "utils"))
 
 # the choices of four flags, spelled out so that --help imports nothing heavy (tests/test_first_hour.py
 # checks that they equal the library's own tuples)
@@ -62,6 +63,7 @@ FRACTION, RATE = ranged(float, lambda v: 0 < v < 1, "in (0, 1)"), ranged(float, 
 WEIGHT, GMACS = ranged(float, lambda v: 0 <= v <= 1, "in [0, 1]"), ranged(float, lambda v: v > 0, "positive GMACs")
 SHARE, RATE_OF = ranged(float, lambda v: 0 < v <= 1, "in (0, 1]"), ranged(float, lambda v: v > 0, "positive")
 NONNEG = ranged(float, lambda v: v >= 0, ">= 0")
+SPEEDUP = ranged(float, lambda v: v > 1, "above 1 (a speed-up over the dense model)")
 
 
 def reductions(text):
@@ -71,6 +73,16 @@ def reductions(text):
         values = []
     if not values or not all(0 < r < 1 for r in values):
         raise argparse.ArgumentTypeError(f"must be comma-separated fractions in (0, 1), got {text}")
+    return values
+
+
+def speedups(text):
+    try:
+        values = [float(r) for r in text.split(",") if r.strip()]
+    except ValueError:
+        values = []
+    if not values or not all(v > 1 for v in values):
+        raise argparse.ArgumentTypeError(f"must be comma-separated speed-ups above 1, got {text}")
     return values
 
 
@@ -174,7 +186,15 @@ def get_args_parser():
     g.add_argument("--start_epoch", "--start-epoch", type=int, default=0)
     g.add_argument("--eval", action="store_true", help="evaluate only")
     g.add_argument("--throughput", action="store_true", help="measure images/s, GMACs and params, then exit")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model for --throughput")
+    g.add_argument("--compile", nargs="?", const="default", default=False, metavar="MODE",
+                   choices=("default", "reduce-overhead", "max-autotune"),
+                   help="torch.compile the model for --throughput, in torch.compile's MODE: default (when MODE is "
+                        "left out), reduce-overhead (CUDA graphs) or max-autotune")
+    g.add_argument("--cuda-graph", action="store_true",
+                   help="--throughput of the eager forward captured once in a CUDA graph and replayed (CUDA only)")
+    g.add_argument("--throughput-baseline", default="", metavar="FILE",
+                   help="with --throughput: also measure the model in FILE (e.g. the dense one) in the same run and "
+                        "report the speed-up over it at --throughput-batch and at batch 1, beside the GMACs ratio")
     g.add_argument("--export", default="", metavar="FILE.onnx", help="export the --resume model to ONNX (dynamic "
                    "batch, input 'input', output 'logits'), verify it in ONNX Runtime against PyTorch, and write "
                    "FILE.json for deployers")
@@ -191,6 +211,9 @@ def get_args_parser():
                    help="passed by legacy launchers; the environment is used otherwise")
     g.add_argument("--amp", action="store_true", default=True, help="mixed precision on CUDA (default)")
     g.add_argument("--no-amp", dest="amp", action="store_false")
+    g.add_argument("--amp-dtype", choices=("bfloat16", "float16"), default="bfloat16",
+                   help="the half dtype of mixed precision on CUDA: autocast in training and evaluation (float16 adds "
+                        "loss scaling), the weights of --throughput and the pipeline's speed table (default bfloat16)")
     g.add_argument("--log-every", type=POSITIVE, default=20, help="log every N steps")
     g.add_argument("--max-steps", type=POSITIVE, help="cap steps per epoch (smoke tests)")
 
@@ -221,6 +244,17 @@ def get_args_parser():
                    help="target GMACs (multiply-accumulates, the paper's FLOPs: DeiT-S dense = 4.6)")
     g.add_argument("--search-reduction", type=FRACTION,
                    help="target as a fraction of GMACs removed, e.g. 0.4 (instead of --search_flops)")
+    g.add_argument("--search-speedup", type=SPEEDUP, help="target as a speed-up over the dense model, e.g. 2.0, "
+                   "predicted by a latency table measured on the device (--latency-table); the best model's speed-up "
+                   "is measured at the end")
+    g.add_argument("--search-latency-ms", type=RATE_OF, help="target in ms per batch of --latency-batch images on the "
+                   "latency table's device (instead of a speed-up)")
+    g.add_argument("--latency-table", metavar="FILE", help="the latency table of a latency budget (python latency.py "
+                   "--out FILE on the target machine, or measured here and written to FILE when it does not exist); "
+                   "default output_dir/latency/latency-DEVICE-DTYPE-bBATCH-eager.json, measured on this run's device. "
+                   "prune+finetune reports predicted and measured speed-ups with it")
+    g.add_argument("--latency-batch", type=POSITIVE, help="batch the latency table is measured at (default "
+                   "--batch-size)")
     g.add_argument("--search_epoch", "--search-epoch", type=COUNT,
                    help="EI iterations after the initial population (IMNET: 100, DIGITS: 30)")
     g.add_argument("--search_population", "--search-population", type=POSITIVE,
@@ -239,8 +273,10 @@ def get_args_parser():
     g.add_argument("--flops-convention", default="exact", choices=CONVENTIONS, help="what --search_flops / "
                    "--search-reduction count: exact (every MAC; DeiT-S 4.60) or original (the original code's "
                    "block-only count with int() rounding; DeiT-S 4.54, so 1.84 = its 60%% fewer)")
-    g.add_argument("--round-to", type=POSITIVE, help="keep neuron counts at multiples of N (default 8: fast matrix "
-                   "shapes on CPUs and GPUs; 1 = exact ratios; 1 with --flops-convention original)")
+    g.add_argument("--round-to", type=POSITIVE, help="keep neuron counts at multiples of N (default on CUDA 64, "
+                   "the widths GPU matrix units like, 8 for the small presets; elsewhere 8, fast on CPUs, and 1 with "
+                   "--flops-convention original; 1 = exact ratios); refused when N "
+                   "is not below the narrowest MLP's width, which it would keep whole")
     g.add_argument("--fuse", default="mean", choices=["mean", "weighted"], help="how dropped tokens are fused")
 
     g = p.add_argument_group("prune + finetune")
@@ -269,6 +305,9 @@ def get_args_parser():
                    help="pretrain, search and prune+finetune in one run, then print a dense-vs-compressed table")
     g.add_argument("--pipeline-reductions", default="0.4,0.6", type=reductions,
                    help="comma-separated FLOPs reductions to search and finetune, e.g. 0.4,0.6")
+    g.add_argument("--pipeline-speedups", type=speedups, default=[],
+                   help="comma-separated speed-ups to search and finetune as well, e.g. 2.0, on one latency table "
+                        "measured on this run's device (see --latency-table)")
     return p
 
 
@@ -312,8 +351,6 @@ def settle(args):
     elif cfg.hsic_kernel == "original" and cfg.criterion != "hsic":
         raise utils.UserError(f"--hsic-kernel original is the HSIC criterion's kernel; it does not apply to "
                               f"--criterion {cfg.criterion}")
-    original = cfg.flops_convention == "original"
-    cfg.round_to = cfg.round_to or (1 if original else 8)
     if cfg.criterion_batches is None and cfg.hsic_kernel == "original":
         cfg.criterion_batches = 1  # the original ranks on one batch
     if cfg.input_size is None and cfg.model is not None and cfg.model != recipe["model"]:
@@ -324,10 +361,31 @@ def settle(args):
     if args.num_workers is None:  # DeiT's 10 loader workers, but never more than this machine's CPUs
         cfg.num_workers = min(cfg.num_workers, os.cpu_count() or 1)
     cfg.device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cfg.round_to = cfg.round_to or round_to_default(cfg)
     cfg.pin_mem = cfg.device.startswith("cuda") if cfg.pin_mem is None else cfg.pin_mem
     cfg.search_holdout = datasets.parse_holdout(cfg.search_holdout)
     check_config(cfg)
     return cfg, ckpt
+
+
+def round_to_default(cfg):
+    """--round-to left out: 64 on CUDA (GPU matrix units like such widths), unless the model is a small
+    preset whose MLPs are narrower than 8 x 64; otherwise 8 (fast on CPUs), 1 with --flops-convention
+    original (the original's exact widths)."""
+    preset = models.PRESETS.get(cfg.model)
+    small = preset is not None and preset["embed_dim"] * preset.get("mlp_ratio", 4.0) < 8 * 64
+    if cfg.device.startswith("cuda") and not small:
+        return 64
+    return 1 if cfg.flops_convention == "original" else 8
+
+
+def round_to_note(args, cfg):
+    """The warning for a model rebuilt in the original's convention but at GPU widths, or None."""
+    slices = cfg.search or cfg.prune_finetune or cfg.pipeline
+    if slices and args.round_to is None and cfg.flops_convention == "original" and cfg.round_to > 1:
+        return (f"--flops-convention original on {cfg.device}: MLP widths are kept at multiples of {cfg.round_to} "
+                f"(GPU-friendly shapes), not the original's exact widths; --round-to 1 gives those")
+    return None
 
 
 def resume_path(cfg):
@@ -359,8 +417,26 @@ def check_config(cfg):
         raise utils.UserError(f"mixup/cutmix need an even --batch-size, got {cfg.batch_size} (or pass --mixup 0 --cutmix 0)")
     if cfg.pipeline and not cfg.output_dir:
         raise utils.UserError("--pipeline needs --output_dir")
-    if cfg.search_flops is not None and cfg.search_reduction is not None:
-        raise utils.UserError("give either --search_flops or --search-reduction, not both")
+    budgets = [flag for flag, value in (("--search_flops", cfg.search_flops), ("--search-reduction", cfg.search_reduction),
+                                        ("--search-speedup", cfg.search_speedup),
+                                        ("--search-latency-ms", cfg.search_latency_ms)) if value is not None]
+    if len(budgets) > 1:
+        raise utils.UserError(f"give one budget, not {' and '.join(budgets)}")
+    latency_budget = cfg.search_speedup is not None or cfg.search_latency_ms is not None or cfg.pipeline_speedups
+    if (cfg.latency_table or cfg.latency_batch) and not (latency_budget or cfg.prune_finetune):
+        raise utils.UserError("--latency-table and --latency-batch apply to a latency budget (--search-speedup, "
+                              "--search-latency-ms, --pipeline-speedups) and to --prune_finetune's speed report")
+
+
+def check_speed_flags(cfg, device):
+    """The flags of --throughput alone, refused in one line before any work: --cuda-graph and
+    --throughput-baseline need --throughput, --cuda-graph a CUDA device and no --compile."""
+    for flag, given in (("--cuda-graph", cfg.cuda_graph), ("--throughput-baseline", cfg.throughput_baseline)):
+        if given and not cfg.throughput:
+            raise utils.UserError(f"{flag} applies to --throughput measurements; add --throughput or drop {flag}")
+    if cfg.cuda_graph:
+        engine.runtime_name(cfg.compile, cfg.cuda_graph)  # refuses --compile with it
+        engine.check_cuda_graph(device)
 
 
 class Context:
@@ -371,7 +447,10 @@ class Context:
         self.cfg, self.device, self.rank = cfg, dist_info["device"], dist_info["rank"]
         self.distributed, self.world_size = dist_info["distributed"], dist_info["world_size"]
         self.dist_info, self.out, self._file = dist_info, cfg.output_dir or None, model_file
-        self.amp = bool(cfg.amp and self.device.type == "cuda")
+        self.amp_dtype = getattr(torch, cfg.amp_dtype)  # --amp-dtype, as a torch dtype
+        # the library's amp setting (engine.half_dtype): the dtype's name on CUDA with --amp, else False
+        self.amp = cfg.amp_dtype if cfg.amp and self.device.type == "cuda" else False
+        check_speed_flags(cfg, self.device)
         self.data = datasets.DataConfig.take(cfg)
         self.mean, self.std = datasets.data_stats(cfg.data_set)
 
@@ -391,12 +470,15 @@ def load_model(ctx, num_classes):
     """(model, arch, ckpt) of --resume (any format models.load reads), or the --model to train."""
     cfg = ctx.cfg
     if cfg.resume:
-        return models.load(cfg.resume, cfg.model, cfg.input_size, num_classes, ctx.mean, ctx.std,
-                           ckpt=ctx.model_file())
+        loaded = models.load(cfg.resume, cfg.model, cfg.input_size, num_classes, ctx.mean, ctx.std,
+                             ckpt=ctx.model_file())
+        warn_misaligned(loaded[0], ctx.device)
+        return loaded
     start = ctx.model_file()
     spec_of = (models.inspect_checkpoint(start, cfg.finetune)["arch"] or {}) if start else {}
     if spec_of.get("prune_spec"):  # a compressed model adapted to this data set: its shape, a new head
         model = models.build_from_arch(dict(spec_of, num_classes=num_classes, input_size=cfg.input_size))
+        warn_misaligned(model, ctx.device)
     else:
         model = models.build_model(cfg.model, num_classes=num_classes, img_size=cfg.input_size,
                                    pretrained=cfg.pretrained, drop_rate=cfg.drop, drop_path_rate=cfg.drop_path)
@@ -404,6 +486,14 @@ def load_model(ctx, num_classes):
         models.load_finetune(model, cfg.finetune, ckpt=start)
         logger.info(f"initialised from {cfg.finetune}")
     return model, models.model_arch(cfg.model, model, cfg.input_size, ctx.mean, ctx.std), None
+
+
+def warn_misaligned(model, device):
+    """One warning line when a model that runs on CUDA has MLP widths that are not multiples of 8."""
+    bad = pruning.misaligned_widths(model, 8) if device.type == "cuda" else []
+    if bad:
+        logger.warning("MLP widths that are not multiples of 8 run slower on GPUs: " + ", ".join(
+            f"block {b} {w}" for b, w in bad) + "; compressing with --round-to 8 or 64 gives faster shapes")
 
 
 def make_recipe(cfg, world_size, finetune=False):
@@ -455,19 +545,55 @@ def run_eval(ctx):
 
 
 def run_throughput(ctx):
+    """--throughput: GMACs, params and the measured speed of the model (engine.interleaved_throughput:
+    images/s at --throughput-batch and ms at batch 1, in --amp-dtype's weights on CUDA, float32
+    elsewhere, in the runtime that --compile / --cuda-graph name). With --throughput-baseline FILE,
+    FILE's model is measured interleaved in the same run and the speed-ups over it are reported
+    beside the GMACs ratio. Prints one JSON line (rank 0) and returns it as a dict."""
     cfg = ctx.cfg
     model, arch, _ = load_model(ctx, None if cfg.resume else datasets.num_classes_of(cfg.data_set))
     macs = flops.model_macs(model.to(ctx.device))
-    rate = engine.throughput(model, ctx.device, cfg.throughput_batch, arch["input_size"], amp=ctx.amp,
-                             compile=cfg.compile)
+    measured = [model]
+    if cfg.throughput_baseline:
+        baseline, base_arch = load_baseline(cfg.throughput_baseline, arch["input_size"], ctx.device)
+        base_macs = flops.model_macs(baseline)
+        measured.append(baseline)
+    speeds = engine.interleaved_throughput(measured, ctx.device, cfg.throughput_batch, arch["input_size"], amp=ctx.amp,
+                                           rounds=10, warmup=3, compile=cfg.compile, cuda_graph=cfg.cuda_graph)
+    speed = speeds[0]
     result = {"model": arch["model"], "compressed": bool(arch.get("prune_spec")), "gmacs": macs["macs"] / 1e9,
-              "params": macs["params"], "images_per_s": rate, "batch": cfg.throughput_batch,
-              "device": str(ctx.device), "amp": ctx.amp, "compiled": cfg.compile}
+              "params": macs["params"], "images_per_s": speed["images_per_s"], "batch1_ms": speed["batch1_ms"],
+              "batch": cfg.throughput_batch, "device": str(ctx.device), "dtype": speed["dtype"],
+              "runtime": speed["runtime"], "amp": bool(ctx.amp), "compiled": bool(cfg.compile)}
     logger.info(f"{arch['model']}: {result['gmacs']:.4g} GMACs, {macs['params'] / 1e6:.2f} M params, "
-                f"{rate:.1f} images/s at batch {cfg.throughput_batch} on {ctx.device}")
+                f"{speed['images_per_s']:.1f} images/s at batch {cfg.throughput_batch}, {speed['batch1_ms']:.3g} ms at "
+                f"batch 1 on {ctx.device} ({speed['dtype']}, {speed['runtime']})")
+    if cfg.throughput_baseline:
+        base = speeds[1]
+        result.update(baseline={"file": cfg.throughput_baseline, "model": base_arch["model"],
+                                "gmacs": base_macs["macs"] / 1e9, "params": base_macs["params"],
+                                "images_per_s": base["images_per_s"], "batch1_ms": base["batch1_ms"]},
+                      speedup=base["batch_ms"] / speed["batch_ms"], speedup_batch1=base["batch1_ms"] / speed["batch1_ms"],
+                      macs_ratio=base_macs["macs"] / macs["macs"])
+        logger.info(f"speed-up over {cfg.throughput_baseline} ({result['baseline']['gmacs']:.4g} GMACs), measured "
+                    f"in this run: {result['speedup']:.2f}x at batch {cfg.throughput_batch}, "
+                    f"{result['speedup_batch1']:.2f}x at batch 1; GMACs ratio {result['macs_ratio']:.2f}x")
     if ctx.rank == 0:
         print(json.dumps(result))
     return result
+
+
+def load_baseline(path, input_size, device):
+    """(model, arch) of --throughput-baseline's file on ``device``: one-line errors for a file that
+    does not load or holds a model of another input size (speeds at two sizes do not compare)."""
+    try:
+        model, arch, _ = models.load(path, device=device)
+    except (utils.UserError, pruning.SpecError) as e:
+        raise utils.UserError(f"--throughput-baseline {path} does not load: {e}") from e
+    if arch["input_size"] != input_size:
+        raise utils.UserError(f"--throughput-baseline {path} takes {arch['input_size']} px images and the measured "
+                              f"model {input_size} px: their speeds do not compare")
+    return model, arch
 
 
 def run_export(ctx):
@@ -475,13 +601,17 @@ def run_export(ctx):
     cfg = ctx.cfg
     if not cfg.resume:
         raise utils.UserError("--export needs the model file to export: --resume FILE")
-    model, arch, _ = load_model(ctx, None)
-    sample = None
-    if cfg.data_path or cfg.data_set in ("DIGITS", "CLUTTERED_DIGITS"):
-        data = datasets.build_loaders(ctx.data, False, train=False)
-        if data["num_classes"] == arch["num_classes"]:
-            sample = next(iter(data["val"]))[0][:8]
-    meta = models.export_onnx(model, cfg.export, arch, sample=sample, crop_ratio=cfg.eval_crop_ratio)
+    models.check_export_target(cfg.export, keep=[cfg.resume])  # --export model.json, or over the model file
+
+    def export():  # on rank 0 only: the other ranks of a torchrun / srun launch wait for its result or error
+        model, arch, _ = load_model(ctx, None)
+        sample = None
+        if cfg.data_path or cfg.data_set in ("DIGITS", "CLUTTERED_DIGITS"):
+            data = datasets.build_loaders(ctx.data, False, train=False)
+            if data["num_classes"] == arch["num_classes"]:
+                sample = next(iter(data["val"]))[0][:8]
+        return models.export_onnx(model, cfg.export, arch, sample=sample, crop_ratio=cfg.eval_crop_ratio)
+    meta = utils.decide_on_rank0(export)
     if ctx.rank == 0:
         print(json.dumps({"onnx": meta["onnx_path"], "json": meta["json_path"], **meta["verification"]}))
     return meta
@@ -493,6 +623,7 @@ def load_dense(ctx, num_classes):
     model, arch, _ = load_model(ctx, num_classes)
     if arch.get("prune_spec"):
         raise utils.UserError(f"{ctx.cfg.resume} is already compressed; pass the dense checkpoint to --resume")
+    flops.check_compressible(model, ctx.cfg.round_to)  # an uncountable head, a --round-to wider than an MLP
     return model.to(ctx.device).eval(), arch, models.weights_fingerprint(model)
 
 
@@ -518,27 +649,74 @@ def active_dims(cfg):
     return flags if any(flags) else (True, True, True)
 
 
+def table_setting(ctx):
+    """(default path, key, dtype, batch) of the latency table this run measures: on its device, at
+    --latency-batch (default --batch-size), in the dtype it infers in, under output_dir/latency/."""
+    dtype = engine.inference_dtype(ctx.device, ctx.amp)
+    batch = ctx.cfg.latency_batch or ctx.cfg.batch_size
+    key = latency.table_key(ctx.device, dtype, batch)
+    return (os.path.join(ctx.out, "latency", latency.key_slug(key)) if ctx.out else ""), key, dtype, batch
+
+
+def latency_table(ctx, dense):
+    """(table, path) of a latency budget: --latency-table FILE (loaded, or measured and written there
+    when it does not exist), else output_dir/latency/<what it is measured on>.json, reused when it
+    was measured on this same setting. Measured on this run's device at --latency-batch (default
+    --batch-size) in the dtype this run infers in; rank 0 measures, every rank gets the same table."""
+    cfg = ctx.cfg
+    default, key, dtype, batch = table_setting(ctx)
+    path = cfg.latency_table or default
+    table = utils.decide_on_rank0(lambda: latency.obtain_table(
+        dense, path, ctx.device, batch, dtype, cfg.round_to, cfg.fuse, expect_key=None if cfg.latency_table else key)[0])
+    logger.info(f"latency table {path or '(not saved: no --output_dir)'}: measured on {latency.describe(table)}")
+    if table["key"]["device"] != ctx.device.type:
+        logger.warning(f"the latency table was measured on {table['key']['device']} and this run is on {ctx.device}: "
+                       f"the budget holds on the table's device and the result's speed is not measured here")
+    return table, path
+
+
 def run_search(ctx):
     cfg, out = ctx.cfg, os.path.join(ctx.out, "search") if ctx.out else None
     train_plain, ncls = datasets.build_dataset(True, ctx.data, train_transform=False)
     dense, arch, weights = load_dense(ctx, ncls)
     dense_gmacs = flops.model_macs(dense, convention=cfg.flops_convention)["macs"] / 1e9
     settings = engine.SearchSettings.take(cfg, active=active_dims(cfg))
-    sampler = settings.space(pruning.model_dims(dense), settings.target(dense_gmacs))
+    dims = pruning.model_dims(dense)
+    table, table_path = latency_table(ctx, dense) if settings.latency_budget else (None, "")
+    dense_cost = float(settings.cost(dims, table)(np.zeros((1, 2 * dims["depth"] + 1)))[0])
+    sampler = settings.space(dims, settings.target(dense_gmacs, dense_cost), table)
     split, split_desc = datasets.search_split(train_plain, datasets.build_dataset(False, ctx.data)[0],
                                               cfg.search_holdout, cfg.search_on_val, cfg.seed)
     low, high = sampler.reachable_range()
-    logger.info(f"search: {cfg.search_mode} over {int(sampler.active.sum())} ratios, target {sampler.target:.4g} GMACs "
-                f"(dense {dense_gmacs:.4g}, reachable {low:.4g}-{high:.4g}), {cfg.search_population + cfg.search_epoch} "
+    unit = "ms (predicted)" if table else "GMACs"
+    logger.info(f"search: {cfg.search_mode} over {int(sampler.active.sum())} ratios, target {sampler.target:.4g} {unit} "
+                f"(dense {dense_cost:.4g}, reachable {low:.4g}-{high:.4g}), {cfg.search_population + cfg.search_epoch} "
                 f"evaluations on {split_desc}")
     return engine.search_policy(
         dense, lambda: rank_dense(ctx, dense, train_plain), datasets.split_loader(split, ctx.data, ctx.distributed),
-        sampler, settings, ctx.device, ctx.amp, out, {"criterion": criterion_settings(cfg), "dense": arch["model"],
-                                                      "dense_weights": weights, "split": split_desc},
-        datasets.build_loaders(ctx.data, ctx.distributed, train=False)["val"], dict(
-            criterion=cfg.criterion, split=split_desc, model=arch["model"], input_size=arch["input_size"],
-            dense_weights=weights),
-        ctx.distributed, ctx.rank)["result"]
+        sampler, settings, ctx.device, amp=ctx.amp, out=out,
+        identity={"criterion": criterion_settings(cfg), "dense": arch["model"], "dense_weights": weights,
+                  "split": split_desc},
+        val_loader=datasets.build_loaders(ctx.data, ctx.distributed, train=False)["val"],
+        record=dict(criterion=cfg.criterion, split=split_desc, model=arch["model"], input_size=arch["input_size"],
+                    dense_weights=weights, **({"latency_table_file": table_path} if table else {})),
+        distributed=ctx.distributed, rank=ctx.rank, latency_table=table)["result"]
+
+
+def searched_table(ctx, dense, source):
+    """The latency table of prune+finetune's speed report: --latency-table, else the one the policy
+    file's search used (its best_policy.json names it), else None."""
+    if ctx.cfg.latency_table:
+        return latency_table(ctx, dense)[0]
+    found = json.load(open(source)).get("latency_table_file") if os.path.isfile(source) else None
+    if not found:
+        return None
+    if not os.path.exists(found):
+        logger.warning(f"the latency table {found} that {source} was searched with is gone: no speed report")
+        return None
+    table = latency.load_table(found)
+    latency.check_table(table, pruning.model_dims(dense), found)
+    return table
 
 
 def run_prune_finetune(ctx):
@@ -553,12 +731,13 @@ def run_prune_finetune(ctx):
     return engine.prune_finetune(
         dense, dense_arch, policy, rankings or (lambda: rank_dense(
             ctx, dense, datasets.build_dataset(True, ctx.data, train_transform=False)[0])), data,
-        make_recipe(cfg, ctx.world_size, finetune=True), ctx.device, engine.SearchSettings.take(cfg),
-        os.path.join(ctx.out, "prune_finetune") if ctx.out else None,
-        {"dense_weights": weights, "rankings": "search" if rankings else criterion_settings(cfg),
-         "global_batch": cfg.batch_size * ctx.world_size},  # the lr scales with it: say why a run differs
-        ctx.distributed, ctx.amp, ctx.rank, extra={"args": utils.primitives(vars(cfg))},
-        record={"policy": policy, "policy_source": source, "dense_weights": weights})
+        make_recipe(cfg, ctx.world_size, finetune=True), ctx.device, settings=engine.SearchSettings.take(cfg),
+        run_dir=os.path.join(ctx.out, "prune_finetune") if ctx.out else None,
+        identity={"dense_weights": weights, "rankings": "search" if rankings else criterion_settings(cfg),
+                  "global_batch": cfg.batch_size * ctx.world_size},  # the lr scales with it: say why a run differs
+        distributed=ctx.distributed, amp=ctx.amp, rank=ctx.rank, extra={"args": utils.primitives(vars(cfg))},
+        record={"policy": policy, "policy_source": source, "dense_weights": weights},
+        latency_table=searched_table(ctx, dense, source))
 
 
 def run_pipeline(ctx):
@@ -571,10 +750,17 @@ def run_pipeline(ctx):
     exists = utils.decide_on_rank0(lambda: os.path.exists(dense_ckpt))
     run_train(ctx.derive(dense_dir, resume=dense_ckpt if exists else "", eval=False, search=False, prune_finetune=False))
     rows, weights = [], models.weights_fingerprint(models.load(dense_ckpt)[0])
-    for r in cfg.pipeline_reductions:
-        sub = os.path.join(ctx.out, f"reduce{round(100 * r)}")
-        step = ctx.derive(sub, resume=dense_ckpt, search_reduction=r, search_flops=None,
-                          policy=os.path.join(sub, "search", "best_policy.json"))
+    targets = [("reduce", r) for r in cfg.pipeline_reductions] + [("speedup", s) for s in cfg.pipeline_speedups]
+    for kind, r in targets:
+        if kind == "reduce":
+            sub, budget, what = os.path.join(ctx.out, f"reduce{round(100 * r)}"), {"search_reduction": r}, \
+                f"{100 * r:.0f}% fewer GMACs"
+        else:  # one latency table for every speed-up, measured by the first search
+            sub, what = os.path.join(ctx.out, f"speedup{r:g}"), f"a {r:g}x predicted speed-up"
+            budget = {"search_speedup": r, "search_reduction": None,
+                      "latency_table": cfg.latency_table or table_setting(ctx)[0]}
+        step = ctx.derive(sub, resume=dense_ckpt, search_flops=None, policy=os.path.join(sub, "search", "best_policy.json"),
+                          **budget)
 
         def finished(name, path):
             if os.path.exists(path):
@@ -586,13 +772,15 @@ def run_pipeline(ctx):
                 return done
         found = utils.decide_on_rank0(lambda: finished("search", step.cfg.policy))
         if found is None:
-            logger.info(f"pipeline 2/3: searching a policy with {100 * r:.0f}% fewer GMACs")
+            logger.info(f"pipeline 2/3: searching a policy with {what}")
             found = run_search(step)
         res = utils.decide_on_rank0(lambda: finished("prune+finetune", os.path.join(sub, "prune_finetune", "result.json")))
         if res is None:
             logger.info(f"pipeline 3/3: pruning and finetuning into {sub}/prune_finetune")
             res = run_prune_finetune(step)
-        rows.append(dict(res, reduction=r, search_val_acc1=found.get("val_acc1_before_finetune")))
+        label = f"-{100 * r:.0f}% GMACs" if kind == "reduce" else f"{r:g}x speed-up budget"
+        rows.append(dict(res, reduction=r if kind == "reduce" else 1 - res["gmacs"] / res["dense_gmacs"], label=label,
+                         search_val_acc1=found.get("val_acc1_before_finetune")))
     if ctx.rank != 0:
         return rows
     summary = engine.compare_models([dense_ckpt] + [row["file"] for row in rows], rows, ctx.device, cfg.throughput_batch,
@@ -601,6 +789,7 @@ def run_pipeline(ctx):
     utils.write_json_atomic(os.path.join(ctx.out, "summary.json"), summary)
     with open(os.path.join(ctx.out, "summary.md"), "w") as f:
         f.write(summary["markdown"] + "\n")
+    plots.plot_summary(summary["rows"], os.path.join(ctx.out, "summary.png"))
     print(summary["markdown"])
     logger.info(f"pipeline finished in {utils.format_seconds(summary['seconds'])}; summary in {ctx.out}/summary.md")
     return summary
@@ -616,6 +805,9 @@ def main(args):
     dist_info = utils.init_distributed(cfg.device, cfg.dist_url, cfg.local_rank)
     try:
         utils.setup_logging(cfg.output_dir or None)
+        note = round_to_note(args, cfg)
+        if note:
+            logger.warning(note)
         ctx = Context(cfg, dist_info, model_file)
         utils.seed_everything(cfg.seed + ctx.rank)
         if ctx.out and ctx.rank == 0:

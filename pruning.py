@@ -58,8 +58,10 @@ The class-token attention row is computed from the class token's query only,
 ``scaled_dot_product_attention`` kernel and no N x N matrix is materialised.
 """
 import copy
+import inspect
 import json
 import os
+import types
 
 import numpy as np
 import torch
@@ -143,6 +145,12 @@ def model_dims(model):
         "has_class_token": getattr(model, "cls_token", None) is not None,
         "token_reduction": reducing or None,
     }
+
+
+def misaligned_widths(model, multiple=8):
+    """(block, width) for every block whose MLP hidden width is not a multiple of ``multiple``
+    (GPU matrix units run such shapes slower); an empty list when all are aligned."""
+    return [(i, w) for i, w in enumerate(model_dims(model)["mlp_hidden"]) if w % int(multiple)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -258,6 +266,42 @@ def tokens_after_reduction(n_tokens, num_prefix, keep):
     if out.ndim == 0:
         return int(out), bool(active)
     return out, active
+
+
+def policy_shapes(dims, X, round_to=1, rounding="exact"):
+    """Per-block shapes of the models that policies ``X`` ([n, 2L+1]) would give, without building them.
+
+    ``dims`` are the dense model's ``model_dims``; counts are rounded as ``policy_to_spec`` rounds
+    them. Returns int64 arrays: ``heads`` and ``neurons`` [n, L] (kept per block), ``tokens`` [n, L]
+    (tokens each block receives, prefix included), ``reduces`` [n, L] (bool: the block drops tokens),
+    ``mlp_tokens`` [n, L] (tokens its MLP runs on) and ``out_tokens`` [n] (tokens after the last block).
+    """
+    _check_rounding(rounding)
+    X = np.atleast_2d(np.asarray(X, dtype=np.float64))
+    depth = int(dims["depth"])
+    if X.ndim != 2 or X.shape[1] != 2 * depth + 1:
+        raise SpecError(f"policy vectors must have 2*{depth}+1 = {2 * depth + 1} entries, got shape {X.shape}")
+    heads = kept_count(np.asarray(dims["num_heads"], np.int64)[None, :], X[:, :depth], rounding=rounding)
+    neurons = kept_count(np.asarray(dims["mlp_hidden"], np.int64)[None, :], X[:, depth:2 * depth], round_to, rounding)
+    rate = check_ratio(X[:, 2 * depth], "token rate")
+    num_prefix, num_patches = int(dims["num_prefix_tokens"]), int(dims["num_patches"])
+    schedule = token_schedule(depth)
+    if rounding == "original":
+        kept = original_kept_tokens(num_patches, num_prefix, rate, len(schedule))
+    else:
+        kept = [kept_tokens(num_patches, kr) for kr in token_keep_rates(rate, len(schedule))]
+    keep = dict(zip(schedule, kept))
+    tokens, mlp_tokens = np.zeros(heads.shape, np.int64), np.zeros(heads.shape, np.int64)
+    reduces = np.zeros(heads.shape, bool)
+    n_tok = np.full(X.shape[0], num_prefix + num_patches, dtype=np.int64)
+    for b in range(depth):
+        tokens[:, b] = n_tok
+        if b in keep:
+            n_out, active = tokens_after_reduction(n_tok, num_prefix, keep[b])
+            n_tok, reduces[:, b] = np.asarray(n_out, np.int64), active
+        mlp_tokens[:, b] = n_tok
+    return {"heads": np.asarray(heads, np.int64), "neurons": np.asarray(neurons, np.int64), "tokens": tokens,
+            "reduces": reduces, "mlp_tokens": mlp_tokens, "out_tokens": n_tok}
 
 
 # --------------------------------------------------------------------------------------------
@@ -654,6 +698,16 @@ def _keep_neurons(mlp, neurons, block):
     _slice_linear_in(mlp.fc2, idx)
 
 
+def slice_block(blk, heads, neurons):
+    """A sliced COPY of one dense block keeping its first ``heads`` heads and ``neurons`` MLP neurons
+    (counts; which ones does not matter for its shapes): a unit whose cost the latency table measures."""
+    blk = copy.deepcopy(blk)
+    with torch.no_grad():
+        _keep_heads(blk.attn, list(range(int(heads))), 0)
+        _keep_neurons(blk.mlp, list(range(int(neurons))), 0)
+    return blk
+
+
 def _canonical(spec):
     out = copy.deepcopy(spec)
     out["heads"] = [sorted(int(i) for i in h) for h in spec["heads"]]
@@ -673,7 +727,9 @@ def apply_spec(model, spec):
 
     Heads and neurons are sliced physically (smaller Linear layers); reducing blocks are switched
     to ``TokenReducingBlock`` (a subclass of timm's Block, by a per-instance class swap) whose kept
-    token counts are fixed here from the model's patch count (``kept_tokens``). Every check runs
+    token counts are fixed here from the model's patch count (``kept_tokens``); such a model's
+    ``forward_intermediates`` gives tokens (output_fmt="NLC") and refuses NCHW maps
+    (``_guard_intermediates``). Every check runs
     before the first change, so a refused spec leaves the model untouched. The canonical spec
     (sorted indices) is stored as ``model.prune_spec``; the state dict keys stay those of timm.
     """
@@ -703,6 +759,7 @@ def apply_spec(model, spec):
         for b, rate in zip(tokens["blocks"], tokens["keep_rates"]):
             _make_reducing(blocks[b], kept_tokens(dims["num_patches"], rate), dims["num_prefix_tokens"],
                            tokens["fuse"])
+    _guard_intermediates(model, tokens is not None)
     model.prune_spec = spec
     return model
 
@@ -729,8 +786,8 @@ def attention_with_class_row(attn, x, num_prefix):
     else:
         weights = torch.softmax((q * attn.scale) @ k.transpose(-2, -1), dim=-1)
         out = attn.attn_drop(weights) @ v
-    cls_logits = (q[:, :, :1] * attn.scale) @ k.transpose(-2, -1)          # [B, H, 1, N]
-    cls_row = torch.softmax(cls_logits, dim=-1)[:, :, 0, num_prefix:].mean(dim=1)
+    q_cls = (q[:, :, 0] * attn.scale).unsqueeze(-1)                        # [B, H, hd, 1]
+    cls_row = torch.softmax((k @ q_cls).squeeze(-1), dim=-1)[:, :, num_prefix:].mean(dim=1)
     out = attn.norm(out.transpose(1, 2).reshape(bsz, n_tok, heads * hd))
     gate = getattr(attn, "gate", None)
     if gate is not None:
@@ -740,20 +797,26 @@ def attention_with_class_row(attn, x, num_prefix):
 
 def reduce_tokens(x, score, num_prefix, keep, fuse="mean"):
     """Keep the prefix tokens and the ``keep`` best-scored other tokens of ``x`` [B, N, C]
-    (``score`` [B, N - num_prefix]); fuse the rest into one token appended last."""
+    (``score`` [B, N - num_prefix]); fuse the rest into one token appended last.
+
+    Needs 1 <= keep < N - num_prefix. Only the kept tokens are gathered: with n = N - num_prefix
+    the mean-fused token is (n * mean of all - keep * mean of the kept) / (n - keep), the means
+    taken in at least float32; the weighted one is the score-weighted mean of all with the kept
+    tokens' scores zeroed.
+    """
     prefix, rest = x[:, :num_prefix], x[:, num_prefix:]
-    chans = x.shape[-1]
-    order = torch.argsort(score, dim=1, descending=True)
-    keep_idx = order[:, :keep].sort(dim=1).values
-    drop_idx = order[:, keep:]
-    kept = rest.gather(1, keep_idx.unsqueeze(-1).expand(-1, -1, chans))
-    dropped = rest.gather(1, drop_idx.unsqueeze(-1).expand(-1, -1, chans))
+    n = rest.shape[1]
+    keep_idx = score.topk(keep, dim=1, sorted=False).indices.sort(dim=1).values   # kept, in their order
+    kept = rest.gather(1, keep_idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
     if fuse == "weighted":
-        w = score.gather(1, drop_idx).unsqueeze(-1)
-        fused = (dropped * w).sum(dim=1, keepdim=True) / w.sum(dim=1, keepdim=True)
+        w = score.scatter(1, keep_idx, 0.0).unsqueeze(-1)                       # the dropped tokens' scores
+        fused = (rest * w).sum(dim=1, keepdim=True) / w.sum(dim=1, keepdim=True)
     else:
-        fused = dropped.mean(dim=1, keepdim=True)
-    return torch.cat([prefix, kept, fused], dim=1)
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        # lerp(a, b, w) = a + w (b - a): with w = -keep / (n - keep) that is (n a - keep b) / (n - keep)
+        fused = torch.lerp(rest.mean(dim=1, keepdim=True, dtype=acc), kept.mean(dim=1, keepdim=True, dtype=acc),
+                           -keep / (n - keep))
+    return torch.cat([prefix, kept, fused if fused.dtype == x.dtype else fused.to(x.dtype)], dim=1)
 
 
 class TokenReducingBlock(Block):
@@ -785,6 +848,28 @@ def _make_reducing(blk, keep, num_prefix, fuse):
     blk.token_keep = int(keep)
     blk.token_prefix = int(num_prefix)
     blk.token_fuse = fuse
+
+
+def _guard_intermediates(model, reduced):
+    """On a token-reduced ``model`` (``reduced``), a per-instance ``forward_intermediates`` that
+    refuses timm's default output_fmt="NCHW": fewer tokens than patches (plus the fused one) do
+    not form the patch grid it reshapes to. output_fmt="NLC" is timm's own method, unchanged.
+    ``reduced=False`` removes the guard (the class's method again)."""
+    model.__dict__.pop("forward_intermediates", None)
+    if reduced:
+        model.forward_intermediates = types.MethodType(_forward_intermediates_tokens, model)
+
+
+def _forward_intermediates_tokens(self, x, *args, **kwargs):
+    method = type(self).forward_intermediates
+    call = inspect.signature(method).bind(self, x, *args, **kwargs)
+    call.apply_defaults()
+    if call.arguments.get("output_fmt") == "NCHW":
+        where = [i for i, b in enumerate(self.blocks) if isinstance(b, TokenReducingBlock)]
+        raise SpecError(f"forward_intermediates(output_fmt='NCHW') needs one token per patch, but this model "
+                        f"reduces tokens at blocks {where}, so its feature maps are not a patch grid; "
+                        f"pass output_fmt='NLC' for the tokens")
+    return method(self, x, *args, **kwargs)
 
 
 def _restore_block(blk):

@@ -199,7 +199,7 @@ def test_help_lists_seed_flags():
     (["--eval", "--resume", "/no/such.pth"], "checkpoint not found: /no/such.pth"),
     (["--batch-size", "0"], "--batch-size must be positive"),
     (["--bogus"], "unrecognized arguments: --bogus"),
-    (["--search_flops", "1", "--search-reduction", "0.4"], "either --search_flops or --search-reduction, not both"),
+    (["--search_flops", "1", "--search-reduction", "0.4"], "give one budget, not --search_flops and --search-reduction"),
     (["--pipeline-reductions", "0.4,1"], "--pipeline-reductions must be comma-separated fractions"),
     (["--lr", "-1"], "--lr must be positive"),
     (["--drop-path", "2"], "--drop-path must be in [0, 1)"),
