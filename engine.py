@@ -25,7 +25,7 @@ import flops
 import latency
 import plots
 import pruning
-from models import load, load_state_strict, save_model_file
+from models import load, load_state_strict, save_model_file, set_drop_path
 from utils import (Progress, UserError, all_reduce_sum, append_jsonl, broadcast_object, check_run_identity,
                    clean_message, decide_on_rank0, format_seconds, load_checkpoint_file, markdown_table, read_jsonl,
                    save_atomic, write_json_atomic, write_jsonl)
@@ -386,6 +386,7 @@ class Recipe:
     model_ema: bool = False
     model_ema_decay: float = 0.99996
     model_ema_force_cpu: bool = False
+    drop_path: float = 0.0  # stochastic depth prune_finetune gives the model it slices (pretraining builds with it)
     distillation: str = "none"
     distillation_alpha: float = 0.5
     distillation_tau: float = 1.0
@@ -913,10 +914,10 @@ def prune_finetune(dense, dense_arch, policy, rankings, data, recipe, device, se
                    identity=None, distributed=False, amp=False, rank=0, extra=None, record=None, latency_table=None):
     """Slice ``dense`` (its ``dense_arch``) to ``policy``, keeping the components ``rankings``
     rank highest (a dict, or a function computing one, called only when needed), and finetune it
-    by ``recipe``, distilling from ``dense`` unless the recipe says none. ``settings``
-    (SearchSettings) gives round_to, fuse and the rounding; ``data`` is datasets.build_loaders'
-    dict. Accuracy before finetuning is measured once and kept in the checkpoints, so a resumed
-    run reports the same.
+    by ``recipe`` (its drop_path given to the sliced model's blocks as timm schedules it), distilling
+    from ``dense`` unless the recipe says none. ``settings`` (SearchSettings) gives round_to, fuse
+    and the rounding; ``data`` is datasets.build_loaders' dict. Accuracy before finetuning is
+    measured once and kept in the checkpoints, so a resumed run reports the same.
 
     With ``run_dir`` the run is resumable: ``run.json`` holds what defines it (the policy, the
     settings' rounding, the recipe less its length, and the caller's ``identity``, e.g. the dense
@@ -941,6 +942,8 @@ def prune_finetune(dense, dense_arch, policy, rankings, data, recipe, device, se
         rankings = rankings() if callable(rankings) else rankings
         model = pruning.slice_model(dense, policy, rankings, settings.round_to, settings.fuse, settings.rounding)
         arch = dict(dense_arch, prune_spec=model.prune_spec)
+    if recipe.drop_path > 0:  # sliced or reloaded, the model has no stochastic depth of its own
+        set_drop_path(model, recipe.drop_path)
     model.to(device)
     dense_m, comp_m = flops.model_macs(dense), flops.model_macs(model)
     logger.info(f"{dense_m['macs'] / 1e9:.4g} -> {comp_m['macs'] / 1e9:.4g} GMACs "

@@ -228,10 +228,11 @@ def _build_parser():
                    f"({', '.join(pruning.published_policy_names())}) or a policy JSON file")
     p.add_argument("--round-to", type=int, default=None, help="with --policy: neuron counts at multiples of N "
                    "(default: the policy file's, as the search counted it; 1 for a published policy)")
-    p.add_argument("--flops-convention", default="exact", choices=CONVENTIONS,
+    p.add_argument("--flops-convention", default=None, choices=CONVENTIONS,
                    help="which count --json reports as gmacs, and with --policy which rounding builds the model "
                         "(exact: every MAC, counts rounded to nearest; original: the original's compute_flops, "
-                        "blocks only, int() rounding). Both are always shown.")
+                        "blocks only, int() rounding; default: the policy file's, as the search counted it, "
+                        "else exact). Both are always shown.")
     p.add_argument("--input-size", "--input_size", dest="input_size", type=int, default=None,
                    help="image size in pixels (default: the model's)")
     p.add_argument("--num-classes", "--nb_classes", dest="num_classes", type=int, default=None)
@@ -255,11 +256,18 @@ def main(argv=None):
             model = build_model(args.model, img_size=args.input_size, **kwargs)
             name, size = args.model, args.input_size
         original = model_macs(model, size, convention="original")
+        convention = args.flops_convention or "exact"
         if args.policy:
-            rounding = "exact" if args.flops_convention == "exact" else "original"
             policy, source = pruning.load_policy(args.policy)
-            round_to = args.round_to or (pruning.read_policy_file(args.policy)[2].get("round_to", 1)
-                                         if os.path.isfile(args.policy) else 1)
+            # a search's best_policy.json records how it counted: its convention (which sets the rounding)
+            # and round_to, used unless given here
+            recorded = pruning.read_policy_file(args.policy)[2] if os.path.isfile(args.policy) else {}
+            convention = args.flops_convention or recorded.get("flops_convention", "exact")
+            if convention not in CONVENTIONS:
+                raise UserError(f"{args.policy} records flops_convention {convention!r}, not one of "
+                                f"{', '.join(CONVENTIONS)}; pass --flops-convention")
+            rounding = "exact" if convention == "exact" else "original"
+            round_to = args.round_to or recorded.get("round_to", 1)
             dims = pruning.model_dims(model)
             identity = {"heads": [list(range(h)) for h in dims["num_heads"]],   # counts do not depend on
                         "neurons": [list(range(m)) for m in dims["mlp_hidden"]]}  # which components go
@@ -273,9 +281,9 @@ def main(argv=None):
     except (UserError, ValueError) as exc:  # SpecError is a ValueError: a block type we cannot count
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    chosen = exact if args.flops_convention == "exact" else original
+    chosen = exact if convention == "exact" else original
     if args.json:
-        print(json.dumps({"model": name, "convention": args.flops_convention, "gmacs": round(chosen["macs"] / 1e9, 6),
+        print(json.dumps({"model": name, "convention": convention, "gmacs": round(chosen["macs"] / 1e9, 6),
                           "macs": chosen["macs"], "gmacs_exact": round(exact["macs"] / 1e9, 6),
                           "gmacs_original": round(original["macs"] / 1e9, 6), "params": exact["params"]}))
     else:

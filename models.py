@@ -17,7 +17,7 @@ import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import resample_abs_pos_embed
+from timm.layers import DropPath, resample_abs_pos_embed
 from timm.models.deit import VisionTransformerDistilled
 from timm.layers import Mlp
 from timm.models.vision_transformer import Attention, Block, VisionTransformer
@@ -185,6 +185,20 @@ def build_from_arch(arch):
     spec = arch.get("prune_spec")
     if spec:
         apply_spec(model, spec)
+    return model
+
+
+def set_drop_path(model, rate):
+    """Give ``model``'s blocks stochastic depth as timm's VisionTransformer builds it from
+    ``drop_path_rate``: block i of L drops its two residual branches with probability
+    rate * i / (L - 1), a DropPath where that is above 0 and an Identity elsewhere. A model rebuilt
+    from a file (models.load, a sliced one) has none, whatever it was trained with. Returns the model."""
+    blocks = list(model.blocks)
+    for blk, p in zip(blocks, torch.linspace(0, float(rate), len(blocks)).tolist()):
+        if not isinstance(blk, Block):
+            raise ModelError(f"cannot set drop-path on a {type(blk).__name__} block (timm Blocks only)")
+        for name in ("drop_path1", "drop_path2"):  # in the block's mode: an eval model stays deterministic
+            setattr(blk, name, (DropPath(p) if p > 0 else nn.Identity()).train(blk.training))
     return model
 
 
