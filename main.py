@@ -136,7 +136,8 @@ def get_args_parser():
     g.add_argument("--warmup-lr", type=NONNEG, default=1e-6)
     g.add_argument("--min-lr", type=NONNEG, help="(default 1e-5)")
     g.add_argument("--warmup-epochs", type=COUNT, help="(IMNET: 5, DIGITS: 2)")
-    g.add_argument("--cooldown-epochs", type=COUNT, help="(IMNET: 10, DIGITS: 0)")
+    g.add_argument("--cooldown-epochs", type=COUNT, help="DeiT's flag, accepted and unused (warned about): the "
+                   "schedule ends at --epochs")
     g.add_argument("--decay-epochs", type=float, default=30)
     g.add_argument("--decay-rate", "--dr", type=float, default=0.1)
 
@@ -183,7 +184,8 @@ def get_args_parser():
     g.add_argument("--resume", default="", help="checkpoint to resume, evaluate or compress (this tool's, DeiT's, "
                    "timm's, .safetensors, a state dict); 'auto' = output_dir/checkpoint.pth; without it a training in a "
                    "used folder starts afresh, keeping the old run as checkpoint.previous.pth etc.")
-    g.add_argument("--start_epoch", "--start-epoch", type=int, default=0)
+    g.add_argument("--start_epoch", "--start-epoch", type=int, default=0, help="DeiT's flag, accepted and unused "
+                   "(warned about): a resumed run starts after its checkpoint's epoch")
     g.add_argument("--eval", action="store_true", help="evaluate only")
     g.add_argument("--throughput", action="store_true", help="measure images/s, GMACs and params, then exit")
     g.add_argument("--compile", nargs="?", const="default", default=False, metavar="MODE",
@@ -205,7 +207,8 @@ def get_args_parser():
     g.add_argument("--num_workers", "--num-workers", type=COUNT, help="data loader workers (IMNET: 10, DIGITS: 0)")
     g.add_argument("--pin-mem", action="store_true", default=None, help="pin loader memory (default: on with CUDA)")
     g.add_argument("--no-pin-mem", dest="pin_mem", action="store_false")
-    g.add_argument("--world_size", type=int, default=1, help="set by the launcher")
+    g.add_argument("--world_size", type=int, default=1, help="DeiT's flag, accepted and unused (warned about): "
+                   "the launcher's environment sets the world size")
     g.add_argument("--dist_url", default="env://")
     g.add_argument("--local-rank", "--local_rank", type=int, default=-1,
                    help="passed by legacy launchers; the environment is used otherwise")
@@ -342,9 +345,11 @@ def settle(args):
         cfg.model = cfg.model or info["model"]  # this tool's file (or one naming its model): no --model needed
         cfg.input_size = cfg.input_size or (info["input_size"] if cfg.model == info["model"] else None)
     if cfg.recipe == "paper":  # the original's settings, for every flag the user left at its default
-        parser = get_args_parser()
+        # what each flag parses to when it is not given: get_default would answer --no-model-ema's True
+        # for model_ema, which parses to None when neither --model-ema nor --no-model-ema is given
+        untouched = vars(get_args_parser().parse_args([]))
         for key, value in pruning.paper_finetune_recipe().items():
-            if getattr(args, key) == parser.get_default(key):
+            if getattr(args, key) == untouched[key]:
                 setattr(cfg, key, value)
     if cfg.criterion is None:  # the paper's setting (--hsic-kernel original) ranks with its HSIC criterion
         cfg.criterion = "hsic" if cfg.hsic_kernel == "original" else "taylor"
@@ -365,6 +370,7 @@ def settle(args):
     cfg.pin_mem = cfg.device.startswith("cuda") if cfg.pin_mem is None else cfg.pin_mem
     cfg.search_holdout = datasets.parse_holdout(cfg.search_holdout)
     check_config(cfg)
+    check_flags_apply(args, cfg)
     return cfg, ckpt
 
 
@@ -426,6 +432,206 @@ def check_config(cfg):
     if (cfg.latency_table or cfg.latency_batch) and not (latency_budget or cfg.prune_finetune):
         raise utils.UserError("--latency-table and --latency-batch apply to a latency budget (--search-speedup, "
                               "--search-latency-ms, --pipeline-speedups) and to --prune_finetune's speed report")
+
+# ----------------------------------------------------------------------------- which flags apply where
+
+# Where each flag acts: every flag of get_args_parser() maps to the scopes (below) that must all hold
+# for it to do something; check_flags_apply refuses or warns about a flag given outside one of its
+# scopes. A flag counts as given when it differs from what it parses to when left out.
+FLAG_SCOPES = {
+    # the run itself
+    "model": ("run",), "input_size": ("run",), "data_set": ("run",), "output_dir": ("run",), "device": ("run",),
+    "seed": ("run",), "batch_size": ("run",), "num_workers": ("run",), "pin_mem": ("run",), "dist_eval": ("run",),
+    "dist_url": ("run",), "local_rank": ("run",), "log_every": ("run",),
+    "world_size": ("deit",), "start_epoch": ("deit",), "cooldown_epochs": ("deit",),
+    "data_path": ("file_data",), "download": ("cifar",), "eval_crop_ratio": ("image_eval",),
+    "amp": ("cuda",), "amp_dtype": ("cuda",), "resume": ("one_step",),
+    # the modes
+    "export": ("own_mode",), "pipeline": ("own_mode",), "search": ("own_mode",), "prune_finetune": ("own_mode",),
+    "throughput": ("own_mode",), "eval": ("eval_mode",),
+    # building the model and the training recipe (pretraining and finetuning)
+    "pretrained": ("builds",), "drop": ("builds",), "drop_path": ("builds_or_finetunes",), "finetune": ("builds",),
+    "epochs": ("pretrain_recipe",), "lr": ("pretrain_recipe",),
+    "opt": ("recipe",), "opt_eps": ("recipe",), "opt_betas": ("recipe",), "clip_grad": ("recipe",),
+    "momentum": ("recipe",), "weight_decay": ("recipe",), "sched": ("recipe",), "unscale_lr": ("recipe",),
+    "warmup_lr": ("recipe",), "min_lr": ("recipe",), "warmup_epochs": ("recipe",), "max_steps": ("recipe",),
+    "decay_epochs": ("step_sched",), "decay_rate": ("decay_sched",),
+    "model_ema": ("recipe",), "model_ema_decay": ("ema",), "model_ema_force_cpu": ("ema",),
+    "smoothing": ("recipe",), "mixup": ("recipe",), "cutmix": ("recipe",), "cutmix_minmax": ("recipe",),
+    "mixup_prob": ("mixing",), "mixup_switch_prob": ("mixing",), "mixup_mode": ("mixing",),
+    "color_jitter": ("image_aug",), "aa": ("image_aug",), "train_interpolation": ("image_aug",),
+    "reprob": ("erasing_data",), "remode": ("erasing",), "recount": ("erasing",),
+    "repeated_aug": ("recipe",), "ra_reps": ("repeated",),
+    "distillation_type": ("recipe",), "distillation_alpha": ("distils",), "distillation_tau": ("soft",),
+    "teacher_model": ("teacher",), "teacher_path": ("pretrains",),
+    # the criterion
+    "criterion": ("ranks",), "hsic_kernel": ("ranks",), "criterion_batches": ("ranks", "batch_criterion"),
+    **{key: ("ranks", "hsic", "scaled_kernel") for key in ("head_lambda", "neuron_alpha", "head_alpha",
+                                                           "neuron_magnitude", "head_normalize", "hsic_bandwidth")},
+    # search, prune+finetune, pipeline, speed
+    **{key: ("search_run",) for key in ("search_flops", "search_reduction", "search_speedup", "search_latency_ms")},
+    **{key: ("search",) for key in ("search_epoch", "search_population", "search_max_ratio", "search_tol",
+                                    "search_mode", "search_objective", "search_holdout", "search_on_val")},
+    "search_pool": ("search", "ei"), "latency_table": ("latency",), "latency_batch": ("latency",),
+    "flops_convention": ("slices",), "round_to": ("slices",), "fuse": ("slices",),
+    "neuron_pruning": ("compresses",), "head_pruning": ("compresses",), "token_pruning": ("compresses",),
+    **{key: ("prune_run",) for key in ("neuron_sparsity", "head_sparsity", "token_sparsity", "policy")},
+    "recipe": ("finetune",), "finetune_epochs": ("finetune",), "finetune_lr": ("finetune",),
+    "pipeline_reductions": ("pipeline",), "pipeline_speedups": ("pipeline",),
+    "throughput_batch": ("speed",), "compile": ("throughput",), "cuda_graph": ("throughput",),
+    "throughput_baseline": ("throughput",),
+}
+
+EMBEDDED = ("DIGITS", "CLUTTERED_DIGITS")
+MEASURES = ("eval", "search", "throughput", "export")  # modes whose command line may be a training one (DeiT's --eval)
+
+
+def run_mode(cfg):
+    """The mode main() runs: the first of MODES whose flag is given, else training."""
+    return next((name for name, _ in MODES if getattr(cfg, name)), "train")
+
+
+def flag_scopes():
+    """{scope: (refuse or warn, holds(args, cfg, mode), where the flag applies)} of FLAG_SCOPES. The
+    method's choices of what to make (a mode, a budget, a policy, a criterion's own knobs, a
+    --throughput runtime) are refused outside their scope; settings a command line carries from one
+    step to the next are warned about. The training recipe is accepted by the modes that only
+    measure, whose command line may be the training one plus --eval (DeiT's, the seed's search)."""
+    def training(args, cfg, mode, on):
+        return mode in MEASURES or on
+
+    def distils(cfg, mode, kinds, finetune_kinds):
+        return (mode in ("train", "pipeline") and cfg.distillation_type in kinds) or \
+            (mode in ("prune_finetune", "pipeline") and cfg.distillation_type in finetune_kinds)
+
+    slicing = ("search", "prune_finetune", "pipeline")
+    return {
+        "run": ("warn", lambda a, c, m: True, "every mode"),
+        "recipe": ("warn", lambda a, c, m: True, "training (and rides along on the command lines that measure)"),
+        "deit": ("warn", lambda a, c, m: False, "nothing in this tool, which parses it so that DeiT's command lines "
+                 "run (the launcher sets the world size, a resumed run starts at its checkpoint's epoch, the schedule "
+                 "ends at --epochs)"),
+        "file_data": ("warn", lambda a, c, m: c.data_set not in EMBEDDED, "data sets read from files; {data_set} "
+                      "is embedded"),
+        "cifar": ("warn", lambda a, c, m: c.data_set in ("CIFAR10", "CIFAR100"), "--data-set CIFAR10 or CIFAR100"),
+        "image_eval": ("warn", lambda a, c, m: c.data_set not in EMBEDDED or m == "export",
+                       "the evaluation transforms of image data sets (and --export's metadata); {data_set} has its "
+                       "own"),
+        "cuda": ("warn", lambda a, c, m: c.device.startswith("cuda"), "mixed precision on CUDA, and this run is on "
+                 "{device}"),
+        "one_step": ("warn", lambda a, c, m: m != "pipeline" or a.resume == "auto", "one step at a time: --pipeline "
+                     "pretrains its own dense model into output_dir/dense and continues it when rerun"),
+        "own_mode": ("refuse", lambda a, c, m: False, "its own run, not to this --{mode} run: give one of --export, "
+                     "--pipeline, --search, --prune_finetune, --throughput, --eval per command"),
+        "eval_mode": ("warn", lambda a, c, m: m in ("eval", "search"), "evaluation (with --search: the seed's "
+                      "search command), not to this --{mode} run"),
+        "builds": ("warn", lambda a, c, m: m in MEASURES or m == "pipeline" or not c.resume,
+                   "a model built from --model; the --resume model keeps its own"),
+        "builds_or_finetunes": ("warn", lambda a, c, m: m in MEASURES or m in ("pipeline", "prune_finetune")
+                                or not c.resume, "a model built from --model and to prune+finetune's compressed "
+                                "model; the --resume model of this --{mode} run keeps its own"),
+        "pretrain_recipe": ("warn", lambda a, c, m: m != "prune_finetune", "pretraining; prune+finetune trains for "
+                            "--finetune-epochs at --finetune-lr"),
+        "step_sched": ("warn", lambda a, c, m: training(a, c, m, c.sched in ("step", "wsd", "rsqrt")),
+                       "--sched step, wsd or rsqrt, not {sched}"),
+        "decay_sched": ("warn", lambda a, c, m: training(a, c, m, c.sched in ("step", "multistep", "plateau", "poly")),
+                        "--sched step, multistep, plateau or poly, not {sched}"),
+        "ema": ("warn", lambda a, c, m: training(a, c, m, c.model_ema), "training with an EMA of the weights "
+                "(--model-ema)"),
+        "mixing": ("warn", lambda a, c, m: training(a, c, m, c.mixup > 0 or c.cutmix > 0 or c.cutmix_minmax),
+                   "mixup or cutmix (--mixup or --cutmix above 0)"),
+        "image_aug": ("warn", lambda a, c, m: training(a, c, m, c.data_set not in EMBEDDED), "the augmentation of "
+                      "image data sets; {data_set} draws its own"),
+        "erasing_data": ("warn", lambda a, c, m: training(a, c, m, c.data_set != "CLUTTERED_DIGITS"),
+                         "data sets other than CLUTTERED_DIGITS, which draws its own clutter"),
+        "erasing": ("warn", lambda a, c, m: training(a, c, m, c.data_set not in EMBEDDED and c.reprob > 0),
+                    "random erasing on image data sets (--reprob above 0)"),
+        "repeated": ("warn", lambda a, c, m: training(a, c, m, c.repeated_aug), "repeated augmentation "
+                     "(--repeated-aug)"),
+        "distils": ("warn", lambda a, c, m: training(a, c, m, distils(c, m, ("soft", "hard"), (None, "soft", "hard"))),
+                    "training with distillation (pretraining: --distillation-type soft or hard; prune+finetune: "
+                    "unless none)"),
+        "soft": ("warn", lambda a, c, m: training(a, c, m, distils(c, m, ("soft",), (None, "soft"))),
+                 "soft distillation"),
+        "teacher": ("warn", lambda a, c, m: training(a, c, m, distils(c, m, ("soft", "hard"), ())),
+                    "pretraining with --distillation-type soft or hard; prune+finetune distils from the dense model"),
+        "pretrains": ("warn", lambda a, c, m: training(a, c, m, m in ("train", "pipeline")),
+                      "pretraining; prune+finetune distils from the dense model"),
+        "ranks": ("warn", lambda a, c, m: m in slicing, "ranking heads and neurons (--search, --prune_finetune, "
+                  "--pipeline)"),
+        "batch_criterion": ("refuse", lambda a, c, m: c.criterion in ("hsic", "taylor"), "the criteria that read "
+                            "batches (hsic, taylor), not --criterion {criterion}"),
+        "hsic": ("refuse", lambda a, c, m: c.criterion == "hsic", "--criterion hsic, not {criterion}{default}"),
+        "scaled_kernel": ("refuse", lambda a, c, m: c.hsic_kernel != "original", "the scaled HSIC kernel: "
+                          "--hsic-kernel original is the original's criterion in full, with its own settings"),
+        "slices": ("warn", lambda a, c, m: m in slicing, "compressing (--search, --prune_finetune, --pipeline)"),
+        "compresses": ("refuse", lambda a, c, m: m in slicing, "compressing (--search, --prune_finetune, --pipeline)"),
+        "search_run": ("refuse", lambda a, c, m: m == "search", "--search (--pipeline searches the budgets of "
+                       "--pipeline-reductions and --pipeline-speedups)"),
+        "search": ("warn", lambda a, c, m: m in ("search", "pipeline"), "searching (--search, --pipeline)"),
+        "ei": ("warn", lambda a, c, m: c.search_mode == "ei", "--search-mode ei, not random"),
+        "latency": ("refuse", lambda a, c, m: c.search_speedup is not None or c.search_latency_ms is not None or
+                    bool(c.pipeline_speedups) or c.prune_finetune, "a latency budget and --prune_finetune's speed "
+                    "report"),
+        "prune_run": ("refuse", lambda a, c, m: m == "prune_finetune", "--prune_finetune (--pipeline prunes by the "
+                      "policies it searched)"),
+        "finetune": ("warn", lambda a, c, m: m in ("prune_finetune", "pipeline"), "prune+finetune (--prune_finetune, "
+                     "--pipeline)"),
+        "pipeline": ("refuse", lambda a, c, m: m == "pipeline", "--pipeline"),
+        "speed": ("warn", lambda a, c, m: m in ("throughput", "pipeline"), "--throughput and --pipeline's speed "
+                  "table"),
+        "throughput": ("refuse", lambda a, c, m: m == "throughput", "--throughput measurements"),
+    }
+
+
+def given_flags(args, parser):
+    """[(dest, the flag as --help first names it)] of the flags whose value differs from what it
+    parses to when left out ('' and None are the same: --data-path '' is no data path); of a pair
+    such as --model-ema / --no-model-ema, the one given."""
+    untouched, seen, found = vars(parser.parse_args([])), set(), []
+    for action in parser._actions:
+        value = getattr(args, action.dest, None)
+        if action.dest in seen or action.dest not in untouched or value == untouched[action.dest] or \
+                (value in ("", None) and untouched[action.dest] in ("", None)):
+            continue
+        seen.add(action.dest)
+        pair = [a for a in parser._actions if a.dest == action.dest and a.nargs == 0 and a.const == value]
+        found.append((action.dest, (pair or [action])[0].option_strings[0]))
+    return found
+
+
+def flag_problems(args, cfg):
+    """(refusals, warnings): one line for each flag given outside a scope of FLAG_SCOPES, the first
+    failing scope deciding whether it is refused or warned about."""
+    mode, scopes = run_mode(cfg), flag_scopes()
+    words = dict(mode=mode, data_set=cfg.data_set, device=cfg.device, sched=cfg.sched, criterion=cfg.criterion,
+                 default=" (the default)" if args.criterion is None else "")
+    hint = {"hsic": "add --criterion hsic or drop", "batch_criterion": "add --criterion hsic or taylor or drop",
+            "pipeline": "add --pipeline or drop", "throughput": "add --throughput or drop"}
+    refusals, warnings = [], []
+    for dest, flag in given_flags(args, get_args_parser()):
+        for scope in FLAG_SCOPES.get(dest, ()):
+            action, holds, where = scopes[scope]
+            if (scope == "own_mode" and dest == mode) or holds(args, cfg, mode):
+                continue
+            where = where.format(**words)
+            if action == "refuse":
+                refusals.append(f"{flag} applies to {where}; {hint.get(scope, 'drop')} {flag}")
+            else:
+                warnings.append(f"{flag} is not used: it applies to {where}")
+            break
+    return refusals, warnings
+
+
+def check_flags_apply(args, cfg):
+    """Refuses the first flag given where it does nothing and contradicts the run (UserError, one
+    line), and warns about the others on stderr, one line each, from rank 0 alone."""
+    refusals, warnings = flag_problems(args, cfg)
+    if refusals:
+        raise utils.UserError(refusals[0])
+    if os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0":
+        for line in warnings:
+            print(f"warning: {line}", file=sys.stderr)
 
 
 def check_speed_flags(cfg, device):
