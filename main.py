@@ -407,9 +407,29 @@ def resume_path(cfg):
     return ""
 
 
+RUN_MARKERS = ("run.json", "checkpoint.pth", "args.json")  # what this tool leaves in a run's folder
+
+
+def check_output_dir_nesting(output_dir):
+    """Refuse a user's --output_dir inside another run's folder (a parent holding one of
+    RUN_MARKERS): that run's resumable steps, checkpoints and summaries would mix with this one's.
+    The folders the tool lays out itself (a pipeline's dense/, reduceNN/, a run's search/ and
+    prune_finetune/) are derived contexts, which never come through here."""
+    here = os.path.abspath(output_dir)
+    parent = os.path.dirname(here)
+    while parent and parent != here:
+        found = [m for m in RUN_MARKERS if os.path.isfile(os.path.join(parent, m))]
+        if found:
+            raise utils.UserError(f"--output_dir {output_dir} is inside another run's folder {parent} (it holds "
+                                  f"{found[0]}); pass a folder outside it")
+        here, parent = parent, os.path.dirname(parent)
+
+
 def check_config(cfg):
     if cfg.device.split(":")[0] not in ("cpu", "cuda", "mps"):
         raise utils.UserError(f"--device {cfg.device}: use cpu, cuda or cuda:N")
+    if cfg.output_dir:  # the user's own folder only: derived step contexts do not pass here
+        check_output_dir_nesting(cfg.output_dir)
     if cfg.output_dir:  # every rank checks: a folder it cannot write fails here, not in the first checkpoint
         try:
             os.makedirs(cfg.output_dir, exist_ok=True)

@@ -854,10 +854,13 @@ def _guard_intermediates(model, reduced):
     """On a token-reduced ``model`` (``reduced``), a per-instance ``forward_intermediates`` that
     refuses timm's default output_fmt="NCHW": fewer tokens than patches (plus the fused one) do
     not form the patch grid it reshapes to. output_fmt="NLC" is timm's own method, unchanged.
-    ``reduced=False`` removes the guard (the class's method again)."""
+    It also gets a per-instance ``set_input_size`` that refuses a new patch count (the kept token
+    counts were fixed for this one). ``reduced=False`` removes both (the class's methods again)."""
     model.__dict__.pop("forward_intermediates", None)
+    model.__dict__.pop("set_input_size", None)
     if reduced:
         model.forward_intermediates = types.MethodType(_forward_intermediates_tokens, model)
+        model.set_input_size = types.MethodType(_set_input_size_tokens, model)
 
 
 def _forward_intermediates_tokens(self, x, *args, **kwargs):
@@ -870,6 +873,21 @@ def _forward_intermediates_tokens(self, x, *args, **kwargs):
                         f"reduces tokens at blocks {where}, so its feature maps are not a patch grid; "
                         f"pass output_fmt='NLC' for the tokens")
     return method(self, x, *args, **kwargs)
+
+
+def _set_input_size_tokens(self, img_size=None, patch_size=None):
+    """timm's set_input_size, refused (before any change) where it would change the patch count:
+    the reducing blocks' kept token counts were fixed from the patch count by ``apply_spec``, so
+    at another count they would silently keep another fraction of the tokens."""
+    probe = copy.deepcopy(self.patch_embed)
+    probe.set_input_size(img_size=img_size, patch_size=patch_size)
+    before, after = int(self.patch_embed.num_patches), int(probe.num_patches)
+    if after != before:
+        where = [i for i, b in enumerate(self.blocks) if isinstance(b, TokenReducingBlock)]
+        raise SpecError(f"set_input_size would change the patch count from {before} to {after}, but this model "
+                        f"reduces tokens at blocks {where} with kept counts fixed for {before} patches; "
+                        f"rebuild it at the new size (apply_spec on a dense model of that size)")
+    return type(self).set_input_size(self, img_size=img_size, patch_size=patch_size)
 
 
 def _restore_block(blk):
