@@ -7,7 +7,6 @@ import logging
 import math
 import os
 import shutil
-import statistics
 import time
 from typing import Optional, Tuple
 

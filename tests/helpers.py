@@ -96,3 +96,13 @@ def run_ranks(script, out_dir, world=2, timeout=180):
                 p.kill()
     assert all(p.returncode == 0 for p in procs), "\n".join(outs)
     return [torch.load(os.path.join(str(out_dir), f"rank{r}.pt"), weights_only=True) for r in range(world)]
+
+
+def block_outputs(model, x):
+    """The slow, obvious reference of a timm ViT's forward: every block's output, run by hand."""
+    h = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
+    outs = []
+    for blk in model.blocks:
+        h = blk(h)
+        outs.append(h)
+    return outs

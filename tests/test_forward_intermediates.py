@@ -11,6 +11,7 @@ from timm.models.vision_transformer import VisionTransformer
 import models
 import pruning
 from pruning import apply_spec, model_dims, policy_to_spec, uniform_policy
+from helpers import block_outputs
 
 
 def tiny_vit():
@@ -26,16 +27,6 @@ def compressed(model, token=0.5, head=0.25, neuron=0.25):
                 "neurons": [rng.permutation(m).tolist() for m in dims["mlp_hidden"]]}
     return apply_spec(model, policy_to_spec(uniform_policy(dims["depth"], head=head, neuron=neuron, token=token),
                                             rankings, dims))
-
-
-def block_outputs(model, x):
-    """The slow, obvious reference: every block's output, run by hand."""
-    h = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
-    outs = []
-    for blk in model.blocks:
-        h = blk(h)
-        outs.append(h)
-    return outs
 
 
 def test_token_reduced_intermediates_in_nlc_are_the_blocks_tokens():

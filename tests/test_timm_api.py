@@ -10,6 +10,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 import models
 import pruning
+from helpers import block_outputs
 
 # every public method VisionTransformer defines itself, and how this file covers it
 COVERED = {
@@ -63,16 +64,6 @@ def model(compressed):
 X = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
 
 
-def by_hand(model, x):
-    """Every block's output, run one by one (the slow, obvious reference)."""
-    h = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
-    outs = []
-    for blk in model.blocks:
-        h = blk(h)
-        outs.append(h)
-    return outs
-
-
 def one_line(info, *words):
     text = str(info.value)
     assert len(text.splitlines()) == 1, text
@@ -82,7 +73,7 @@ def one_line(info, *words):
 
 @torch.no_grad()
 def test_forward_features_is_the_blocks_one_by_one(model):
-    ref = by_hand(model, X)
+    ref = block_outputs(model, X)
     assert ref[-1].shape[1] < 1 + 64  # tokens were reduced
     torch.testing.assert_close(model.forward_features(X), model.norm(ref[-1]))
     with pytest.raises(RuntimeError) as info:
@@ -92,7 +83,7 @@ def test_forward_features_is_the_blocks_one_by_one(model):
 
 @torch.no_grad()
 def test_forward_is_head_of_features(model):
-    feats = model.norm(by_hand(model, X)[-1])
+    feats = model.norm(block_outputs(model, X)[-1])
     assert model.global_pool == "token"
     pooled = model.fc_norm(feats[:, 0])
     torch.testing.assert_close(model.pool(feats), feats[:, 0])
@@ -104,7 +95,7 @@ def test_forward_is_head_of_features(model):
 
 @torch.no_grad()
 def test_forward_intermediates_options(model):
-    ref = by_hand(model, X)
+    ref = block_outputs(model, X)
     p = model.num_prefix_tokens
     final, inter = model.forward_intermediates(X, output_fmt="NLC")
     torch.testing.assert_close(final, model.norm(ref[-1]))
@@ -136,7 +127,7 @@ def test_forward_intermediates_options(model):
 
 @torch.no_grad()
 def test_get_intermediate_layers(model):
-    ref = by_hand(model, X)
+    ref = block_outputs(model, X)
     got = model.get_intermediate_layers(X, n=[4, 11])
     torch.testing.assert_close(got, [ref[4][:, 1:], ref[11][:, 1:]])
     with pytest.raises(pruning.SpecError) as info:
@@ -187,7 +178,7 @@ def test_grad_checkpointing_keeps_outputs(model):
 
 @torch.no_grad()
 def test_prune_intermediate_layers(model):
-    ref = by_hand(model, X)
+    ref = block_outputs(model, X)
     kept = model.prune_intermediate_layers([2, 5])
     assert kept == [2, 5] and len(model.blocks) == 6
     got = model.forward_intermediates(X, indices=[2, 5], output_fmt="NLC", intermediates_only=True)
@@ -206,7 +197,7 @@ def test_set_input_size(model):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     model.set_input_size(img_size=(32, 32))  # the same patch count: timm's method, unchanged
     with torch.no_grad():
-        torch.testing.assert_close(model(X), model.forward_head(model.norm(by_hand(model, X)[-1])))
+        torch.testing.assert_close(model(X), model.forward_head(model.norm(block_outputs(model, X)[-1])))
 
 
 def test_init_methods_keep_shapes(model):
@@ -216,5 +207,5 @@ def test_init_methods_keep_shapes(model):
     assert {k: v.shape for k, v in model.state_dict().items()} == shapes
     with torch.no_grad():
         out = model(X)
-        torch.testing.assert_close(out, model.forward_head(model.norm(by_hand(model, X)[-1])))
+        torch.testing.assert_close(out, model.forward_head(model.norm(block_outputs(model, X)[-1])))
     assert torch.isfinite(out).all()
