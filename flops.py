@@ -2,12 +2,20 @@
 
 Convention (the paper's and the DeiT model cards'): "FLOPs" are multiply-accumulates of the
 patch-embedding convolution, every block's qkv projection, q @ k^T, attn @ v, output projection,
-MLP fc1 and fc2, the class-token attention row of a token-reducing block (q_cls @ K^T), and the
-classifier head(s). Norms, softmax, GELU, residual adds, biases, token gathering and fusing are
-not counted. DeiT-Ti / S / B at 224 px: 1.26 / 4.61 / 17.58 GMACs.
+MLP fc1 and fc2, the class-token attention row of a token-reducing block (q_cls @ K^T), an
+attention-pool head (SigLIP's ``global_pool='map'``: the latent's q projection, kv of the tokens it
+pools, q . k and attn @ v, proj and its MLP; ``attn_pool_macs``), and the classifier head(s).
+Norms, softmax, GELU, residual adds, biases, token gathering and fusing are not counted (nor the
+token score of a model without a class token: it is read off the block's own attention matrix).
+DeiT-Ti / S / B at 224 px: 1.26 / 4.61 / 17.58 GMACs.
 
 Token counts follow ``pruning.tokens_after_reduction``: a reducing block runs its attention on the
 tokens it receives and its MLP on ``prefix + kept + 1`` tokens when it drops any.
+
+EVA-02 blocks (timm EvaBlock) count every nn.Linear of their attention and MLP on every token: q, k, v
+(fused or not) and proj, SwiGLU's two input projections fc1_g and fc1_x (or GluMlp's double-width
+fc1) and fc2, plus q @ k^T and attn @ v. Their rotary position embedding rotates q and k
+elementwise, which is not counted, like norms and activations (``_eva_block_macs``).
 
 Two conventions (``convention=``):
   * "exact" (default): every MAC listed above;
@@ -34,6 +42,8 @@ import sys
 
 import numpy as np
 import torch.nn as nn
+from timm.layers import PatchEmbed
+from timm.models.eva import EvaBlock
 
 import pruning
 from models import build_model, load
@@ -66,8 +76,21 @@ def _conv_out(size, conv, axis):
     return (size + 2 * p - k) // s + 1
 
 
+def _eva_block_macs(blk, n_tok, gate=True):
+    """MACs of an EvaBlock on ``n_tok`` tokens: every nn.Linear of its attention and MLP on every
+    token (q, k, v or the fused qkv, the gate unless ``gate=False``, proj; SwiGLU's fc1_g and fc1_x
+    or GluMlp's / Mlp's fc1, then fc2), plus q @ k^T and attn @ v. The rotary embedding's rotation
+    of q and k is elementwise work and, like norms, SiLU and the gating product, not counted."""
+    attn = blk.attn
+    linears = [m for part in (attn, blk.mlp) for m in part.modules() if isinstance(m, nn.Linear)
+               and (gate or m is not getattr(attn, "gate", None))]
+    return n_tok * sum(m.in_features * m.out_features for m in linears) + 2 * n_tok * n_tok * attn.num_heads * attn.head_dim
+
+
 def _block_macs(blk, n_in, num_prefix):
     """MACs of one block receiving ``n_in`` tokens, and the token count it hands on."""
+    if isinstance(blk, EvaBlock):  # EVA-02 never reduces tokens (pruning.token_reduction_refusal)
+        return _eva_block_macs(blk, n_in), n_in
     attn, mlp = blk.attn, blk.mlp
     width = attn.qkv.in_features
     attn_dim = attn.num_heads * attn.head_dim
@@ -79,7 +102,7 @@ def _block_macs(blk, n_in, num_prefix):
     n_out = n_in
     if isinstance(blk, pruning.TokenReducingBlock):
         n_out, active = pruning.tokens_after_reduction(n_in, num_prefix, blk.token_keep)
-        if active:
+        if active and getattr(blk, "token_score", "class") == "class":
             macs += n_in * attn_dim                          # class-token attention row
     macs += n_out * (mlp.fc1.in_features * mlp.fc1.out_features + mlp.fc2.in_features * mlp.fc2.out_features)
     return macs, n_out
@@ -88,6 +111,8 @@ def _block_macs(blk, n_in, num_prefix):
 def _block_macs_original(blk, n_in, fused, num_prefix):
     """The original convention's MACs of one block receiving ``n_in`` tokens of which ``fused``
     (0 or 1) is a fused token, which is not counted; returns (macs, n_out, fused_out)."""
+    if isinstance(blk, EvaBlock):  # every matrix of the block, as the original counts a DeiT block's
+        return _eva_block_macs(blk, n_in - fused, gate=False), n_in, fused
     attn, mlp = blk.attn, blk.mlp
     n = n_in - fused
     attn_dim = attn.num_heads * attn.head_dim
@@ -103,12 +128,40 @@ def _block_macs_original(blk, n_in, fused, num_prefix):
 
 def check_countable(model):
     """Raise ``pruning.SpecError`` (a one-line user error) for a model whose cost this module cannot
-    count, and so which the search and prune+finetune cannot budget: an attention-pool head
-    (timm ``global_pool='map'``). Callers check a dense model with it before any work."""
-    if getattr(model, "attn_pool", None) is not None:
-        raise pruning.SpecError("attention-pool heads (timm global_pool='map') are not supported: their MACs are "
-                                "not counted, so the model cannot be budgeted or compressed; use a model with a "
-                                "class-token or average-pooled head")
+    count, and so which the search and prune+finetune cannot budget: an attention pool other than
+    timm's AttentionPoolLatent (``global_pool='prr'``), or a patch embedding other than timm's
+    PatchEmbed (a hybrid's convolutional backbone, HybridEmbed). Callers check a dense model with
+    it before any work."""
+    pruning.attn_pool_dims(model)  # refuses a pool it cannot count, naming its class
+    pe = getattr(model, "patch_embed", None)
+    if not isinstance(pe, PatchEmbed) or not isinstance(pe.proj, nn.Conv2d):
+        what = type(pe).__name__ if not isinstance(pe, PatchEmbed) else \
+            f"PatchEmbed with a {type(pe.proj).__name__} projection"
+        raise pruning.SpecError(f"patch embedding {what} is not supported: its MACs are not counted (only timm "
+                                f"PatchEmbed, one Conv2d), so the model cannot be budgeted or compressed")
+
+
+def attn_pool_macs(pool, n_tokens, num_prefix):
+    """MACs of an attention-pool head described by ``pool`` (``pruning.attn_pool_dims``) on the
+    ``n_tokens`` tokens (prefix included; an int or an int array) the last block hands on: the
+    latent's q projection, kv of the tokens it sees (the prefix only if it includes it), q . k and
+    attn @ v of every latent query, proj and its MLP. Its norm and softmax are not counted."""
+    seen = np.asarray(n_tokens, dtype=np.int64) - (0 if pool["include_prefix"] else int(num_prefix))
+    latent = int(pool["latent_len"])
+
+    def lin(shape):
+        return 0 if shape is None else int(shape[0]) * int(shape[1])
+    macs = latent * (lin(pool["q"]) + lin(pool["proj"]) + lin(pool["fc1"]) + lin(pool["fc2"]))
+    macs = macs + seen * lin(pool["kv"]) + 2 * latent * seen * int(pool["attn_dim"])
+    return int(macs) if macs.ndim == 0 else macs
+
+
+def _head_vectors(pool, n_heads, global_pool, n_tok):
+    """Vectors per image each classifier head multiplies: the attention pool's output vectors, every
+    token with timm's global_pool='' (one head), else one."""
+    if pool is not None:
+        return int(pool["vectors"])
+    return n_tok if (n_heads == 1 and global_pool == "") else 1
 
 
 def check_compressible(model, round_to=1):
@@ -153,8 +206,11 @@ def model_macs(model, input_size=None, convention="exact"):
     for blk in blocks:
         m, n_tok = _block_macs(blk, n_tok, num_prefix)
         macs += m
+    pool = pruning.attn_pool_dims(model)
+    if pool is not None:
+        macs += attn_pool_macs(pool, n_tok, num_prefix)
     heads = pruning.classifier_heads(model)
-    vectors = n_tok if (len(heads) == 1 and getattr(model, "global_pool", "token") == "") else 1
+    vectors = _head_vectors(pool, len(heads), getattr(model, "global_pool", "token"), n_tok)
     for head in heads:
         macs += vectors * head.in_features * head.out_features
     return {"macs": int(macs), "params": int(params), "gmacs": macs / 1e9}
@@ -182,25 +238,31 @@ def policy_gmacs(dims, X, round_to=1, convention="exact", rounding=None):
     num_prefix, num_patches = int(dims["num_prefix_tokens"]), int(dims["num_patches"])
     if convention == "original":
         out = _original_formula(width, hd, num_prefix + num_patches, pruning.token_schedule(int(dims["depth"])),
-                                shapes["heads"], shapes["neurons"], X[:, -1])
+                                shapes["heads"], shapes["neurons"], X[:, -1], 1 + int(dims.get("mlp_in_proj", 1)))
         return out[0] if single else out
     qkv_per_chan = 4 if dims.get("attn_gate") else 3
     ph, pw = dims["patch_size"]
     n_tok, attn_dim = shapes["tokens"], shapes["heads"] * hd
     macs = np.full(X.shape[0], num_patches * width * int(dims["in_chans"]) * ph * pw, dtype=np.int64)
     macs += (n_tok * width * attn_dim * (qkv_per_chan + 1) + 2 * n_tok * n_tok * attn_dim).sum(axis=1)
-    macs += np.where(shapes["reduces"], n_tok * attn_dim, 0).sum(axis=1)     # class-token attention row
-    macs += (2 * shapes["mlp_tokens"] * width * shapes["neurons"]).sum(axis=1)
+    if pruning.token_score_kind(dims) == "class":
+        macs += np.where(shapes["reduces"], n_tok * attn_dim, 0).sum(axis=1)     # class-token attention row
+    mlp_mats = 1 + int(dims.get("mlp_in_proj", 1))                         # fc2, and fc1 (SwiGLU: fc1_g, fc1_x)
+    macs += (mlp_mats * shapes["mlp_tokens"] * width * shapes["neurons"]).sum(axis=1)
     n_tok = shapes["out_tokens"]
     n_heads = int(dims.get("num_classifier_heads", 1))
-    vectors = n_tok if (n_heads == 1 and dims.get("global_pool", "token") == "") else 1
+    pool = dims.get("attn_pool")
+    if pool is not None:
+        macs += attn_pool_macs(pool, n_tok, num_prefix)
+    vectors = _head_vectors(pool, n_heads, dims.get("global_pool", "token"), n_tok)
     macs += vectors * n_heads * width * int(dims["num_classes"])
     out = macs / 1e9
     return out[0] if single else out
 
 
-def _original_formula(width, head_dim, n_tokens, schedule, heads_kept, neurons_kept, rate):
-    """The original's compute_flops, vectorised over policies, for any depth, width and schedule."""
+def _original_formula(width, head_dim, n_tokens, schedule, heads_kept, neurons_kept, rate, mlp_mats=2):
+    """The original's compute_flops, vectorised over policies, for any depth, width and schedule
+    (``mlp_mats``: the MLP's matrices per neuron, 3 for a gated SwiGLU MLP)."""
     temp = 1.0 - rate
     counts = [np.full(rate.shape, n_tokens, dtype=np.int64)]        # tokens after k reductions
     for k in range(1, len(schedule) + 1):
@@ -214,7 +276,7 @@ def _original_formula(width, head_dim, n_tokens, schedule, heads_kept, neurons_k
         n_mlp = counts[done]
         attn_dim = heads_kept[:, b] * head_dim
         macs += 4 * n_attn * width * attn_dim + 2 * n_attn * n_attn * attn_dim
-        macs += 2 * n_mlp * width * neurons_kept[:, b]
+        macs += mlp_mats * n_mlp * width * neurons_kept[:, b]
     return macs / 1e9
 
 

@@ -38,6 +38,7 @@ import time
 
 import numpy as np
 import torch
+from timm.models.eva import Eva
 
 import pruning
 from utils import Progress, UserError, write_json_atomic
@@ -94,6 +95,15 @@ ARCH_KEYS = ("depth", "embed_dim", "head_dim", "num_heads", "mlp_hidden", "num_p
 
 class TableError(UserError):
     """A latency table that does not fit the model or cannot be read (one-line message)."""
+
+
+def check_measurable(model):
+    """Raise TableError (one line) for a dense model whose units a table does not measure: an EVA
+    model (its blocks' attention takes the model's rotary position embedding, which the units here
+    do not feed, and it cannot reduce tokens). Its MACs budget and measured whole-model speed work."""
+    if isinstance(model, Eva):
+        raise TableError("latency tables are not measured for EVA models (their attention units need the model's "
+                         "rotary position embedding); budget them in MACs: --search_flops or --search-reduction")
 
 
 def device_name(device):
@@ -171,6 +181,7 @@ def _unit_items(dense, dims, batch_size, device, dtype, tokens, heads, widths, f
     blocks = pruning.vit_blocks(dense)
     ref = blocks[int(np.argmax(dims["mlp_hidden"]))]
     prefix, chans = int(dims["num_prefix_tokens"]), int(dims["embed_dim"])
+    score = pruning.token_score_kind(dims)  # the reducing branch ranks tokens as the model's blocks will
     gen = torch.Generator().manual_seed(0)
     inputs = {n: torch.randn(batch_size, n, chans, generator=gen).to(device, dtype) for n in tokens}
     items = []
@@ -186,7 +197,7 @@ def _unit_items(dense, dims, batch_size, device, dtype, tokens, heads, widths, f
                           lambda blk=blk, x=x: x + blk.drop_path1(blk.ls1(blk.attn(blk.norm1(x))))))
             keep = max(1, int(round(0.75 * (n - prefix))) - 1)
             items.append(({"unit": "reduce", "heads": h, "tokens": n, "keep": keep},
-                          lambda blk=blk, x=x, keep=keep: _reducing_branch(blk, x, prefix, keep, fuse)))
+                          lambda blk=blk, x=x, keep=keep: _reducing_branch(blk, x, prefix, keep, fuse, score)))
     for w in widths:
         blk = unit(pruning.slice_block(ref, 1, w))
         for n in tokens:
@@ -207,18 +218,18 @@ def _unit_items(dense, dims, batch_size, device, dtype, tokens, heads, widths, f
     return items
 
 
-def _reducing_branch(blk, x, prefix, keep, fuse):
+def _reducing_branch(blk, x, prefix, keep, fuse, score="class"):
     if keep >= x.shape[1] - prefix:
         return x + blk.drop_path1(blk.ls1(blk.attn(blk.norm1(x))))
-    y, cls_row = pruning.attention_with_class_row(blk.attn, blk.norm1(x), prefix)
-    return pruning.reduce_tokens(x + blk.drop_path1(blk.ls1(y)), cls_row, prefix, keep, fuse)
+    y, token_score = pruning.attention_with_token_score(blk.attn, blk.norm1(x), prefix, score)
+    return pruning.reduce_tokens(x + blk.drop_path1(blk.ls1(y)), token_score, prefix, keep, fuse)
 
 
 def _interp1(grid, values, q):
     return np.interp(np.asarray(q, np.float64), np.asarray(grid, np.float64), np.asarray(values, np.float64))
 
 
-def _interp2(grid_a, grid_b, values, a, b):
+def interp2(grid_a, grid_b, values, a, b):
     """Bilinear interpolation of ``values`` [len(grid_a), len(grid_b)] at (a, b), clipped to the grid."""
     ga, gb, v = (np.asarray(g, np.float64) for g in (grid_a, grid_b, values))
     a = np.clip(np.asarray(a, np.float64), ga[0], ga[-1])
@@ -238,10 +249,10 @@ def _interp2(grid_a, grid_b, values, a, b):
 
 def raw_predict(table, shapes):
     """The table's uncalibrated sum of units (ms) for ``pruning.policy_shapes`` output."""
-    attn = _interp2(table["attn"]["heads"], table["tokens"], table["attn"]["ms"], shapes["heads"], shapes["tokens"])
-    red = _interp2(table["reduce"]["heads"], table["tokens"], table["reduce"]["ms"], shapes["heads"],
+    attn = interp2(table["attn"]["heads"], table["tokens"], table["attn"]["ms"], shapes["heads"], shapes["tokens"])
+    red = interp2(table["reduce"]["heads"], table["tokens"], table["reduce"]["ms"], shapes["heads"],
                    shapes["tokens"])
-    mlp = _interp2(table["mlp"]["widths"], table["tokens"], table["mlp"]["ms"], shapes["neurons"],
+    mlp = interp2(table["mlp"]["widths"], table["tokens"], table["mlp"]["ms"], shapes["neurons"],
                    shapes["mlp_tokens"])
     blocks = (np.where(shapes["reduces"], red, attn) + mlp).sum(axis=1)
     return table["stem_ms"] + blocks + _interp1(table["head"]["tokens"], table["head"]["ms"], shapes["out_tokens"])
@@ -352,6 +363,7 @@ def measure_table(dense, device, batch_size, dtype=torch.float32, round_to=8, fu
     policies (ratios up to ``max_ratio``) measured end to end."""
     if runtime not in RUNTIMES:
         raise TableError(f"latency tables are measured in the {' or '.join(RUNTIMES)} runtime, not {runtime!r}")
+    check_measurable(dense)
     device = torch.device(device)
     unit_timer, model_timer = (timer, timer) if timer else (default_timer(device, rounds=3), default_timer(device, rounds=5))
     dense = dense.eval()
@@ -441,6 +453,7 @@ def obtain_table(dense, path, device, batch_size, dtype=torch.float32, round_to=
     """The latency table at ``path`` when it exists and fits ``dense`` (and, given ``expect_key``, was
     measured on that setting: a cache); else measured now and written there. Returns (table, how:
     "loaded" or "measured")."""
+    check_measurable(dense)
     dims = pruning.model_dims(dense)
     if path and os.path.exists(path):
         table = load_table(path)

@@ -5,26 +5,25 @@ Every checkpoint this project writes carries an ``arch`` entry of primitives:
 "mean", "std", "prune_spec": dict or None}. From it ``load_model_file`` rebuilds the exact
 (dense or compressed) architecture without any pickled code, then loads the weights.
 """
-import copy
 import difflib
+import functools
 import hashlib
+import json
 import logging
+import math
 import os
-import warnings
 
-import numpy as np
 import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import DropPath, resample_abs_pos_embed
+from timm.layers import DropPath, LayerNorm, resample_abs_pos_embed
 from timm.models.deit import VisionTransformerDistilled
-from timm.layers import Mlp
-from timm.models.vision_transformer import Attention, Block, VisionTransformer
+from timm.models.eva import Eva, EvaBlock
+from timm.models.vision_transformer import Block, VisionTransformer
 
-from pruning import TokenReducingBlock, apply_spec
-from utils import (CheckpointError, UserError, clean_message, load_checkpoint_file, save_atomic, state_dict_of,
-                   write_json_atomic)
+from pruning import SpecError, apply_spec, vit_blocks
+from utils import CheckpointError, UserError, clean_message, load_checkpoint_file, save_atomic, state_dict_of
 
 logger = logging.getLogger("vitcompress")
 
@@ -39,6 +38,9 @@ PRESETS = {
     "vit_pico_patch8_32": dict(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=4, mlp_ratio=2.0),
 }
 DEFAULT_DIGITS_MODEL = "vit_nano_patch4_32"
+# A timm VisionTransformer defined wholly by its file's model_kwargs (the keywords of a PRESETS entry,
+# plus "norm_eps", the LayerNorm epsilon): the architecture of a converted Hugging Face model.
+CUSTOM_MODEL = "vit_custom"
 
 
 class ModelError(UserError):
@@ -46,11 +48,11 @@ class ModelError(UserError):
 
 
 def _all_model_names():
-    return list(PRESETS) + timm.list_models("*vit*") + timm.list_models("deit*")
+    return list(PRESETS) + timm.list_models("*vit*") + timm.list_models("deit*") + timm.list_models("eva02*")
 
 
 def check_model_name(name):
-    if name in PRESETS or name in timm.list_models():
+    if name in PRESETS or name == CUSTOM_MODEL or name in timm.list_models():
         return
     close = difflib.get_close_matches(name, _all_model_names(), n=4, cutoff=0.6)
     hint = f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models('*vit*') or the presets " \
@@ -60,13 +62,18 @@ def check_model_name(name):
 
 def build_model(name, num_classes=1000, img_size=None, pretrained=False, drop_rate=0.0, drop_path_rate=0.0,
                 **extra):
-    """A timm ViT/DeiT by name, or one of PRESETS. Raises ModelError with close names."""
+    """A timm ViT/DeiT by name, one of PRESETS, or CUSTOM_MODEL defined by ``extra`` (a file's
+    model_kwargs). Raises ModelError with close names."""
     check_model_name(name)
     kwargs = dict(num_classes=num_classes, drop_rate=drop_rate, drop_path_rate=drop_path_rate, **extra)
-    if name in PRESETS:
-        preset = dict(PRESETS[name])
+    if name in PRESETS or name == CUSTOM_MODEL:
+        preset = dict(PRESETS.get(name, {}), **kwargs)
+        if not {"patch_size", "embed_dim", "depth", "num_heads"} <= set(preset):
+            raise ModelError(f"model '{name}' is the architecture a model file defines (a converted Hugging Face "
+                             f"model): start from that file with --resume or --finetune")
         distilled = preset.pop("distilled", False)
-        preset.update(kwargs)
+        if "norm_eps" in preset:  # a primitive in the file, a LayerNorm of that epsilon in the model
+            preset["norm_layer"] = functools.partial(LayerNorm, eps=float(preset.pop("norm_eps")))
         if img_size is not None:
             preset["img_size"] = img_size
         if distilled:
@@ -88,8 +95,13 @@ def build_model(name, num_classes=1000, img_size=None, pretrained=False, drop_ra
                 raise ModelError(f"could not load pretrained weights for {name} ({type(e).__name__}: "
                                  f"{str(e).splitlines()[0][:160]}); without internet use --finetune FILE") from e
             raise
-    if not isinstance(model, VisionTransformer):
-        raise ModelError(f"model '{name}' is a {type(model).__name__}, not a timm VisionTransformer")
+    if isinstance(model, Eva):  # EVA-02: accepted when its blocks are ones this tool slices and counts
+        try:
+            vit_blocks(model)
+        except SpecError as e:
+            raise ModelError(f"model '{name}' is an Eva this tool cannot compress: {e}") from e
+    elif not isinstance(model, VisionTransformer):
+        raise ModelError(f"model '{name}' is a {type(model).__name__}, not a timm VisionTransformer (or EVA-02 Eva)")
     size, patch = model.patch_embed.img_size or (), model.patch_embed.patch_size  # img_size None: dynamic size
     if any(s < p or s % p for s, p in zip(size, patch)):  # timm would drop the last pixels or fail later
         raise ModelError(f"input size {size[0]} does not fit {name}'s {patch[0]}-pixel patches: use a multiple "
@@ -146,7 +158,7 @@ def load_finetune(model, path, ckpt=None):
     """Initialise from a file or URL (``--finetune``; ``ckpt``: its contents, when already read):
     drops a classifier of another size and interpolates position embeddings to the model's grid.
     A compressed model file initialises a model of the same compressed shape (build_from_arch)."""
-    ckpt = load_checkpoint_file(path) if ckpt is None else ckpt
+    ckpt = read_model_file(path) if ckpt is None else ckpt
     arch = ckpt.get("arch") if isinstance(ckpt.get("arch"), dict) else None
     if arch and arch.get("prune_spec") and arch["prune_spec"] != getattr(model, "prune_spec", None):
         raise CheckpointError(f"{path} is a compressed model; a model of its compressed shape is needed to start "
@@ -195,11 +207,20 @@ def set_drop_path(model, rate):
     from a file (models.load, a sliced one) has none, whatever it was trained with. Returns the model."""
     blocks = list(model.blocks)
     for blk, p in zip(blocks, torch.linspace(0, float(rate), len(blocks)).tolist()):
-        if not isinstance(blk, Block):
-            raise ModelError(f"cannot set drop-path on a {type(blk).__name__} block (timm Blocks only)")
+        if not isinstance(blk, (Block, EvaBlock)):
+            raise ModelError(f"cannot set drop-path on a {type(blk).__name__} block (timm Block / EvaBlock only)")
         for name in ("drop_path1", "drop_path2"):  # in the block's mode: an eval model stays deterministic
             setattr(blk, name, (DropPath(p) if p > 0 else nn.Identity()).train(blk.training))
     return model
+
+
+def class_logits(out):
+    """The logits of a model's output. A distilled DeiT gives (class head, distillation head) logits
+    in training mode (timm's ``distilled_training``) and their average in eval mode; this averages a
+    pair the same way, so that every caller scores a distilled model as DeiT does at inference."""
+    if isinstance(out, (tuple, list)):
+        return (out[0] + out[1]) / 2
+    return out
 
 
 def _strip_prefix(state):
@@ -217,11 +238,12 @@ def inspect_checkpoint(ckpt, path):
     Formats: this tool's model / training files (an ``arch`` dict); DeiT's ``main.py`` training
     checkpoint (``model`` + ``args`` with model and input_size); timm's ``train.py`` checkpoint
     (``state_dict`` + ``arch`` = model name); DeiT's release files (``{"model": state_dict}``);
-    timm ``.safetensors`` and bare state dicts.
+    timm ``.safetensors`` and bare state dicts; a Hugging Face folder, which ``read_model_file``
+    converts into this tool's form (its ``format`` names the Hugging Face class).
     """
     arch = ckpt.get("arch")
     if isinstance(arch, dict):
-        return {"format": "this tool's model file", "arch": arch, "model": arch.get("model"),
+        return {"format": ckpt.get("format") or "this tool's model file", "arch": arch, "model": arch.get("model"),
                 "input_size": arch.get("input_size"), "num_classes": arch.get("num_classes"),
                 "state": None, "training": "optimizer" in ckpt and "epoch" in ckpt}
     state = _strip_prefix(state_dict_of(ckpt))
@@ -263,12 +285,13 @@ def load(path, model_name=None, input_size=None, num_classes=None, mean=None, st
          use_ema=False, device="cpu"):
     """THE loader for every model file a user holds: returns (model in eval mode, arch, ckpt).
 
-    Reads ``path`` once (or uses ``ckpt``, its already-loaded contents). A file of this tool
-    rebuilds its own (dense or compressed) architecture; other formats (see inspect_checkpoint)
-    build ``model_name`` (or the name the file records) at ``input_size`` with the head size
+    Reads ``path`` once with read_model_file (a file, or a Hugging Face folder), or uses ``ckpt``,
+    its already-read contents. A file of this tool (and a converted Hugging Face folder) rebuilds
+    its own (dense or compressed) architecture; other formats (see inspect_checkpoint) build
+    ``model_name`` (or the name the file records) at ``input_size`` with the head size
     found in the weights. ``num_classes``, when given, must match the file's head.
     """
-    ckpt = load_checkpoint_file(path) if ckpt is None else ckpt
+    ckpt = read_model_file(path) if ckpt is None else ckpt
     info = inspect_checkpoint(ckpt, path)
     if info["arch"] is not None:
         arch = info["arch"]
@@ -299,7 +322,7 @@ def load(path, model_name=None, input_size=None, num_classes=None, mean=None, st
 
 def load_model_file(path, device="cpu", use_ema=False, ckpt=None):
     """A model file written by this tool: (model in eval mode, ckpt). See ``load``."""
-    ckpt = load_checkpoint_file(path) if ckpt is None else ckpt
+    ckpt = read_model_file(path) if ckpt is None else ckpt
     if not isinstance(ckpt.get("arch"), dict):
         raise CheckpointError(f"{path} has no 'arch' entry: not a model file written by this tool "
                               f"(use --model NAME --resume {path} or --finetune {path} for plain weights)")
@@ -327,7 +350,7 @@ def build_teacher(name, path, num_classes, input_size):
     teacher's own size when it has one (a ViT trained at another resolution)."""
     if not path:
         raise UserError("distillation needs --teacher-path (a weights file or a model file of this tool)")
-    ckpt = load_checkpoint_file(path)
+    ckpt = read_model_file(path)
     if isinstance(ckpt.get("arch"), dict):
         teacher, arch, _ = load(path, ckpt=ckpt)
         own = arch["input_size"]
@@ -357,7 +380,7 @@ def save_model_file(path, model, arch, extra=None):
 
 
 # ----------------------------------------------------------------------------------------------
-# issue 11: preset for the CLUTTERED_DIGITS benchmark (datasets.build_cluttered_digits)
+# the preset of the CLUTTERED_DIGITS benchmark (datasets.build_cluttered_digits)
 # vit_nano_patch4_32's width on 64 px canvases cut into 64 patches of 8 px (the same sequence length),
 # with 6 blocks instead of 12: half the cost per image, so that it trains to ~88% in ~10 min on 2 cores.
 PRESETS["vit_nano_d6_patch8_64"] = dict(img_size=64, patch_size=8, embed_dim=48, depth=6, num_heads=4, mlp_ratio=4.0)
@@ -365,287 +388,206 @@ PRESETS["vit_nano_d6_patch8_64"] = dict(img_size=64, patch_size=8, embed_dim=48,
 
 
 # =============================================================================================
-# Deployment (issue 14): ONNX export, verified with ONNX Runtime against PyTorch.
-# A self-contained section: nothing above depends on it; onnx / onnxruntime load lazily.
+# Hugging Face folders (issue 23): config.json + model.safetensors (or pytorch_model.bin) of a
+# ViTForImageClassification, DeiTForImageClassification or DeiTForImageClassificationWithTeacher,
+# read with json and safetensors / torch.load(weights_only=True) (no transformers, none of the
+# folder's code) and converted into the timm VisionTransformer that computes the same logits.
 # =============================================================================================
 
-ONNX_INPUT_NAME = "input"
-ONNX_OUTPUT_NAME = "logits"
-# Exporter and opset, by evidence (DeiT-S, 224 px, batch 32, ONNX Runtime CPU; the README's Deploy
-# section and `benchmarks/bench_speed.py --onnxruntime --exporter dynamo:20 torchscript:17 ...`):
-# * both exporters export the token-reducing block (TopK + GatherElements; max |diff| ~2e-6);
-# * ORT speed is close at this scale: on a quiet Xeon (2 threads, 3 repeats) dynamo/opset-20 graphs
-#   of the -40% / -60% models ran 1.67x / 2.56x faster than its dense graph (1.00 / 1.02 of the MACs
-#   ratio), TorchScript/opset-17 graphs 1.50x / 2.12x (0.90 / 0.85); on 2 shared cores (load ~6,
-#   5 repeats) 1.74x / 2.47x against 1.67x / 2.58x, every variant within the noise;
-# * opset 20 has a Gelu operator that ORT fuses with the fc1 bias (BiasGelu); the dynamo graph at
-#   opset 18 keeps Erf, Mul and Add apart (no speed difference measurable on these machines);
-# * dynamo is torch's default, supported exporter; the TorchScript one is deprecated (a
-#   DeprecationWarning since torch 2.9) but exports ~5x faster: exporter="torchscript" keeps it.
-ONNX_OPSET = 20
-ONNX_EXPORTERS = ("dynamo", "torchscript")
-DEFAULT_ONNX_EXPORTER = "dynamo"
+# Hugging Face class -> (root of its weights, the timm name of its distillation token, the timm
+# keywords that class adds, the heads: timm name <- Hugging Face name)
+HF_CLASSES = {
+    "ViTForImageClassification": ("vit", None, {}, {"head": "classifier"}),
+    # the distillation token rides along and only the class token is classified: a timm register token
+    "DeiTForImageClassification": ("deit", "reg_token", {"reg_tokens": 1}, {"head": "classifier"}),
+    # the mean of the class and distillation heads (in eval mode): timm's distilled DeiT
+    "DeiTForImageClassificationWithTeacher": ("deit", "dist_token", {"distilled": True},
+                                              {"head": "cls_classifier", "head_dist": "distillation_classifier"}),
+}
+# what Hugging Face's ViTConfig and DeiTConfig take for a key that a config.json leaves out
+HF_CONFIG_DEFAULTS = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+                          hidden_act="gelu", layer_norm_eps=1e-12, image_size=224, patch_size=16, num_channels=3,
+                          qkv_bias=True)
+HF_MEAN_STD = 0.5  # ViTImageProcessor's image_mean and image_std, without a preprocessor_config.json
+# the Hugging Face names of a timm block's modules: first the layout that save_pretrained writes and
+# the Hub holds (encoder.layer.N.attention.attention.query), then transformers 5's own module names
+HF_LAYER_ROOTS = ("encoder.layer.{}.", "layers.{}.")
+HF_QKV = (("attention.attention.query", "attention.q_proj"), ("attention.attention.key", "attention.k_proj"),
+          ("attention.attention.value", "attention.v_proj"))
+HF_LAYER_MODULES = {"norm1": ("layernorm_before",), "attn.proj": ("attention.output.dense", "attention.o_proj"),
+                    "norm2": ("layernorm_after",), "mlp.fc1": ("intermediate.dense", "mlp.fc1"),
+                    "mlp.fc2": ("output.dense", "mlp.fc2")}
+HF_UNUSED = ("pooler.", "embeddings.mask_token")  # weights of other heads, unused by the classifiers
+HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                   "pytorch_model.bin.index.json")  # in the order transformers prefers them
 
 
-class ExportError(UserError):
-    """A model that cannot be exported for a known reason, or an ONNX file that disagrees with
-    PyTorch (one-line message)."""
-
-
-def check_exportable(model):
-    """Raise ExportError naming what this export does not support; returns the (H, W) input size.
-
-    Supported: a timm VisionTransformer (distilled too) whose blocks are exactly timm ``Block`` or
-    ``pruning.TokenReducingBlock`` with timm ``Attention`` and ``Mlp``, at a fixed image size.
-    A subclass with its own forward may hide data-dependent Python control flow, so it is refused
-    by name rather than exported into a graph that holds for one input only.
-    """
-
-
-    if not isinstance(model, VisionTransformer):
-        raise ExportError(f"cannot export a {type(model).__name__}: only timm VisionTransformer models are supported")
-    blocks = getattr(model, "blocks", None)
-    if not isinstance(blocks, nn.Sequential) or len(blocks) == 0:
-        raise ExportError("cannot export: the model has no transformer blocks")
-    for i, blk in enumerate(blocks):
-        if type(blk) not in (Block, TokenReducingBlock):
-            raise ExportError(f"cannot export block {i}: {type(blk).__name__} is not supported "
-                              f"(only timm Block and TokenReducingBlock)")
-        if type(blk.attn) is not Attention:
-            raise ExportError(f"cannot export block {i}: attention {type(blk.attn).__name__} is not supported "
-                              f"(only timm Attention)")
-        if not isinstance(blk.mlp, Mlp):
-            raise ExportError(f"cannot export block {i}: MLP {type(blk.mlp).__name__} is not supported "
-                              f"(only timm Mlp)")
-        if isinstance(blk, TokenReducingBlock) and not isinstance(blk.token_keep, int):
-            raise ExportError(f"cannot export block {i}: its kept token count {blk.token_keep!r} is not a constant")
-    size = getattr(model.patch_embed, "img_size", None)
-    if size is None:
-        raise ExportError("cannot export: the model has no fixed image size")
-    return int(size[0]), int(size[1])
-
-
-def _export_graph(model, example, path, opset, exporter):
-    """torch.onnx.export with a dynamic batch axis, one self-contained file."""
-
-    if exporter == "dynamo":
-        batch = torch.export.Dim("batch")
-        torch.onnx.export(model, (example,), path, dynamo=True, external_data=False, opset_version=opset,
-                          input_names=[ONNX_INPUT_NAME], output_names=[ONNX_OUTPUT_NAME],
-                          dynamic_shapes=({0: batch},), verbose=False)
-    else:
-        with warnings.catch_warnings():  # the tracer's shape-check and deprecation notes
-            warnings.simplefilter("ignore")
-            torch.onnx.export(model, (example,), path, dynamo=False, opset_version=opset,
-                              input_names=[ONNX_INPUT_NAME], output_names=[ONNX_OUTPUT_NAME],
-                              dynamic_axes={ONNX_INPUT_NAME: {0: "batch"}, ONNX_OUTPUT_NAME: {0: "batch"}})
-
-
-def onnx_session(path, threads=0, spinning=True, optimized_path=None):
-    """An ONNX Runtime CPU session with full graph optimisation (what a deployer gets by default).
-
-    ``threads``: intra-op threads (0: ONNX Runtime's default, one per physical core);
-    ``spinning=False`` stops idle worker threads from busy-waiting after a run (fair when
-    interleaving with other work on the same cores); ``optimized_path`` saves the optimised graph.
-    """
-    onnxruntime = _onnxruntime()
-    opts = onnxruntime.SessionOptions()
-    opts.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if threads:
-        opts.intra_op_num_threads = int(threads)
-    if not spinning:
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if optimized_path:
-        opts.optimized_model_filepath = str(optimized_path)
-    return onnxruntime.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
-
-
-def verify_onnx(path, model, sample, atol=1e-4):
-    """Run the ONNX file in ONNX Runtime and ``model`` in PyTorch (float32, eval) on ``sample``
-    [N, 3, H, W], on the whole batch and on its first image alone (the batch axis is dynamic).
-
-    Returns {"max_abs_diff", "top1_agreement", "images", "batch_sizes"}; raises ExportError when the
-    file's input / output names differ from ``input`` / ``logits`` or the logits differ by more
-    than ``atol``.
-    """
-    sess = onnx_session(path)
-    names_in = [i.name for i in sess.get_inputs()]
-    names_out = [o.name for o in sess.get_outputs()]
-    if names_in != [ONNX_INPUT_NAME] or names_out != [ONNX_OUTPUT_NAME]:
-        raise ExportError(f"{path} has inputs {names_in} and outputs {names_out}, "
-                          f"expected ['{ONNX_INPUT_NAME}'] and ['{ONNX_OUTPUT_NAME}']")
-    sample = torch.as_tensor(sample).detach().float().cpu()
-    was_training = model.training
-    model.eval()
-    batches = [sample] if sample.shape[0] == 1 else [sample, sample[:1]]
-    diff, agree = 0.0, None
-    try:
-        with torch.no_grad():
-            for x in batches:
-                ref = model(x)
-                got = sess.run([ONNX_OUTPUT_NAME], {ONNX_INPUT_NAME: x.numpy()})[0]
-                ref = ref.float().cpu().numpy()
-                if got.shape != ref.shape:
-                    raise ExportError(f"{path} gives logits of shape {got.shape} for a batch of {x.shape[0]}, "
-                                      f"PyTorch {ref.shape}")
-                d = float(np.max(np.abs(got.astype(np.float64) - ref))) if ref.size else 0.0
-                diff = max(diff, d if np.isfinite(d) else float("inf"))
-                if agree is None:
-                    agree = float(np.mean(got.argmax(axis=1) == ref.argmax(axis=1)))
-    finally:
-        model.train(was_training)
-    result = {"max_abs_diff": diff, "top1_agreement": agree, "images": int(sample.shape[0]),
-              "batch_sizes": [int(x.shape[0]) for x in batches]}
-    if not diff <= atol:
-        raise ExportError(f"ONNX Runtime and PyTorch differ by {diff:.3g} (tolerance {atol:g}) on {path}; "
-                          f"top-1 agreement {agree:.1%}")
-    return result
-
-
-def export_onnx(model, path, arch, sample=None, opset=ONNX_OPSET, atol=1e-4, exporter=DEFAULT_ONNX_EXPORTER,
-                crop_ratio=0.875, interpolation="bicubic", verify_batch=5, seed=0):
-    """Export ``model`` (dense or compressed timm ViT) to ONNX at ``path`` and verify it.
-
-    * The file has one input ``input`` [N, 3, H, W] (float32, normalised with ``arch`` mean / std,
-      N dynamic) and one output ``logits`` [N, classes]. A distilled DeiT outputs the mean of its
-      class and distillation heads, as DeiT and timm do in eval mode.
-    * ``arch`` is the model file's ``arch`` entry (``model_arch``): name, input size, mean, std,
-      prune spec. ``sample``: images [N, 3, H, W] to verify on (already normalised); None draws
-      ``verify_batch`` standard-normal images with ``seed``.
-    * Verification (``verify_onnx``) runs ONNX Runtime (CPU) and PyTorch on the same images and
-      raises ExportError beyond ``atol``; a failed export leaves no file at ``path``.
-    * A JSON file beside it (``path`` with ``.json``) says what a deployer needs: preprocessing
-      (mean, std, input size, interpolation, resize and crop), class count, GMACs, params, the
-      prune spec and the verification result.
-
-    Returns that JSON content as a dict, plus ``onnx_path`` and ``json_path``.
-    """
-    import flops  # here, not at the top: flops imports models
-
-    if exporter not in ONNX_EXPORTERS:
-        raise ExportError(f"unknown exporter {exporter!r}; choose one of {', '.join(ONNX_EXPORTERS)}")
-    check_export_target(path)
-    _onnxruntime()  # before the export, which takes a while
-    if int(opset) < 17:
-        raise ExportError(f"opset {opset} is too old: LayerNormalization needs opset 17 or newer")
-    height, width = check_exportable(model)
-    size = int(arch["input_size"])
-    if (height, width) != (size, size):
-        raise ExportError(f"the model expects {height}x{width} images but its file says input_size {size}")
-    model = copy.deepcopy(model).float().cpu().eval()
-    in_chans = int(model.patch_embed.proj.in_channels)
-    sample_kind = "given images" if sample is not None else f"random normal images (seed {seed})"
-    if sample is None:
-        g = torch.Generator().manual_seed(seed)
-        sample = torch.randn(max(int(verify_batch), 1), in_chans, height, width, generator=g)
-    sample = torch.as_tensor(sample).detach().float().cpu()
-    if sample.ndim != 4 or tuple(sample.shape[1:]) != (in_chans, height, width):
-        raise ExportError(f"verification images have shape {tuple(sample.shape)}, expected [N, {in_chans}, "
-                          f"{height}, {width}]")
+def read_model_file(path):
+    """The contents of any model file ``load`` reads: a checkpoint or weights file
+    (utils.load_checkpoint_file), or a Hugging Face model folder, converted (read_hf_folder)."""
     path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = path + ".partial"
+    if os.path.isdir(path):
+        return read_hf_folder(path)
+    return load_checkpoint_file(path)
+
+
+def read_hf_folder(path):
+    """A Hugging Face model folder as a model file of this tool: {"arch", "model" (a timm state
+    dict), "format"}. The arch is CUSTOM_MODEL with the config's sizes (hidden_size, num_hidden_layers,
+    num_attention_heads, intermediate_size, image_size, patch_size, num_channels, qkv_bias,
+    layer_norm_eps), mean and std from preprocessor_config.json (else 0.5, as ViTImageProcessor) and
+    the config's id2label as ``labels``. The config's dropout rates are training settings and are not
+    carried over (finetuning uses --drop / --drop-path). Raises CheckpointError in one line for a
+    folder of another kind, a class not in HF_CLASSES, or an option the conversion does not reproduce."""
+    config_file = os.path.join(path, "config.json")
+    if not os.path.isfile(config_file):
+        inside = os.path.join(path, "checkpoint.pth")
+        hint = f"; did you mean {inside}?" if os.path.isfile(inside) else ""
+        raise CheckpointError(f"{path} is a folder without config.json, not a Hugging Face model folder: pass a "
+                              f"model file{hint}")
+    config = _read_json(config_file)
+    kinds = config.get("architectures")
+    kind = kinds[0] if isinstance(kinds, list) and kinds else None
+    if kind not in HF_CLASSES:
+        what = kind or f"model_type {config.get('model_type')!r} without architectures"
+        raise CheckpointError(f"{path} holds a Hugging Face {what} model; this tool reads "
+                              f"{', '.join(HF_CLASSES)} folders")
+    root, token, extra, heads = HF_CLASSES[kind]
+    if config.get("model_type", root) != root:
+        raise CheckpointError(f"{config_file} says model_type {config.get('model_type')!r} for a {kind}; "
+                              f"expected {root!r}")
+    c = {key: config.get(key, default) for key, default in HF_CONFIG_DEFAULTS.items()}
+    if c["hidden_act"] != "gelu":
+        raise CheckpointError(f"{config_file}: hidden_act {c['hidden_act']!r} is not reproduced by the conversion "
+                              f"(only 'gelu', the exact GELU of timm's ViT)")
+    sizes = {key: _hf_size(config_file, key, c[key]) for key in
+             ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "image_size",
+              "patch_size", "num_channels")}
+    dim, heads_n, image, patch = (sizes[k] for k in ("hidden_size", "num_attention_heads", "image_size", "patch_size"))
+    if dim % heads_n:
+        raise CheckpointError(f"{config_file}: hidden_size {dim} is not a multiple of num_attention_heads {heads_n}")
+    if image % patch:
+        raise CheckpointError(f"{config_file}: image_size {image} is not a multiple of patch_size {patch}")
+    eps = c["layer_norm_eps"]
+    if not isinstance(c["qkv_bias"], bool) or isinstance(eps, bool) or not isinstance(eps, (int, float)) or eps <= 0:
+        raise CheckpointError(f"{config_file}: qkv_bias {c['qkv_bias']!r} or layer_norm_eps {eps!r} is not usable")
+    ratio = sizes["intermediate_size"] / dim  # timm's MLP width is int(dim * mlp_ratio)
+    while int(dim * ratio) < sizes["intermediate_size"]:
+        ratio = math.nextafter(ratio, math.inf)
+    hf, weights_file = _hf_weights(path)
+    state = _hf_to_timm(hf, root, token, heads, sizes["num_hidden_layers"], c["qkv_bias"],
+                        os.path.join(path, weights_file))
+    num_classes = int(state["head.weight"].shape[0])
+    mean, std = _hf_mean_std(path, sizes["num_channels"])
+    arch = {"model": CUSTOM_MODEL,
+            "model_kwargs": dict(patch_size=patch, embed_dim=dim, depth=sizes["num_hidden_layers"], num_heads=heads_n,
+                                 mlp_ratio=ratio, qkv_bias=c["qkv_bias"], in_chans=sizes["num_channels"],
+                                 norm_eps=float(eps), **extra),
+            "num_classes": num_classes, "input_size": image, "mean": mean, "std": std, "prune_spec": None}
+    id2label = config.get("id2label")
+    if isinstance(id2label, dict) and len(id2label) == num_classes:  # JSON keys: "0", "1", ...
+        labels = [id2label.get(str(i)) for i in range(num_classes)]
+        if all(isinstance(label, str) for label in labels):
+            arch["labels"] = labels
+    logger.info(f"{path}: Hugging Face {kind} read as a timm VisionTransformer ({sizes['num_hidden_layers']} "
+                f"blocks of {heads_n} heads, width {dim}, MLP {sizes['intermediate_size']}, {image} px, "
+                f"{num_classes} classes)")
+    return {"arch": arch, "model": state, "format": f"Hugging Face {kind} folder"}
+
+
+def _read_json(file):
     try:
-        example = sample[:2] if sample.shape[0] >= 2 else sample.repeat(2, 1, 1, 1)  # batch 1 would be specialised
-        try:
-            _export_graph(model, example, tmp, int(opset), exporter)
-        except Exception as e:  # the exporters raise many types; report the first line, keep the chain
-            first = (str(e).strip().splitlines() or [""])[0][:200]
-            raise ExportError(f"torch.onnx.export ({exporter}) failed on {arch.get('model', type(model).__name__)}: "
-                              f"{type(e).__name__}: {first}") from e
-        check = verify_onnx(tmp, model, sample, atol=atol)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    try:
-        cost = flops.model_macs(model, (height, width))
-        gmacs, params = cost["macs"] / 1e9, cost["params"]
-    except ValueError:  # a head flops.py does not count (attention pooling)
-        gmacs, params = None, sum(p.numel() for p in model.parameters())
-    distilled = isinstance(getattr(model, "head_dist", None), torch.nn.Module)
-    meta = {
-        "onnx": os.path.basename(path),
-        "model": arch.get("model"),
-        "input": {"name": ONNX_INPUT_NAME, "shape": ["N", in_chans, height, width], "dtype": "float32",
-                  "layout": "NCHW, RGB, pixel values scaled to [0, 1], then (x - mean) / std per channel"},
-        "output": {"name": ONNX_OUTPUT_NAME, "shape": ["N", int(model.num_classes)],
-                   "meaning": "class logits (no softmax)" + (
-                       "; the mean of the class and distillation heads, as DeiT in eval mode"
-                       if distilled else "")},
-        "mean": [float(m) for m in arch["mean"]],
-        "std": [float(s) for s in arch["std"]],
-        "input_size": [in_chans, height, width],
-        "interpolation": interpolation,
-        "crop_ratio": float(crop_ratio),
-        "resize_shorter_side": int(size / crop_ratio),
-        "preprocess": f"resize the shorter side to {int(size / crop_ratio)} px ({interpolation}), "
-                      f"center-crop {height}x{width}, scale to [0, 1], normalise with mean and std",
-        "num_classes": int(model.num_classes),
-        "gmacs": gmacs,
-        "params": int(params),
-        "prune_spec": getattr(model, "prune_spec", None) or arch.get("prune_spec"),
-        "opset": int(opset),
-        "exporter": exporter,
-        "verification": dict(check, atol=float(atol), sample=sample_kind),
-        "versions": {"torch": torch.__version__, "onnxruntime": _onnxruntime_version()},
-    }
-    json_path = onnx_json_path(path)
-    write_json_atomic(json_path, meta)
-    logger.info(f"exported {path} ({exporter}, opset {opset}): ONNX Runtime vs PyTorch max |diff| "
-                f"{check['max_abs_diff']:.2e}, top-1 agreement {check['top1_agreement']:.1%} on "
-                f"{check['images']} images (batch sizes {check['batch_sizes']}); metadata {json_path}")
-    return dict(meta, onnx_path=path, json_path=json_path)
+        with open(file) as f:
+            obj = json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{file} is not a readable JSON file: {clean_message(e)}") from e
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{file} does not hold a JSON object")
+    return obj
 
 
-def onnx_json_path(path):
-    """The metadata file written beside an exported ``path``: ``model.onnx`` -> ``model.json``."""
-    return os.path.splitext(os.fspath(path))[0] + ".json"
+def _hf_size(file, key, value):
+    """A positive int from a Hugging Face config; [n, n] (a square image or patch) counts as n."""
+    if isinstance(value, (list, tuple)) and len(value) == 2 and value[0] == value[1]:
+        value = value[0]
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        square = " (this tool takes square images and patches)" if key in ("image_size", "patch_size") else ""
+        raise CheckpointError(f"{file}: {key} {value!r} is not a positive integer{square}")
+    return value
 
 
-def export_files(path):
-    """Every file ``export_onnx(model, path, ...)`` writes: the ONNX file, its temporary
-    ``.partial`` copy, the metadata JSON beside it and that file's temporary copy."""
-    path = os.fspath(path)
-    return [path, path + ".partial", onnx_json_path(path), onnx_json_path(path) + ".tmp"]
+def _hf_weights(path):
+    """(the folder's weights as one flat dict, the file they came from), from HF_WEIGHT_FILES."""
+    name = next((n for n in HF_WEIGHT_FILES if os.path.isfile(os.path.join(path, n))), None)
+    if name is None:
+        raise CheckpointError(f"{path} has a config.json but none of {', '.join(HF_WEIGHT_FILES)}")
+    files = [name]
+    if name.endswith(".index.json"):  # a sharded checkpoint: the index maps each weight to its file
+        weight_map = _read_json(os.path.join(path, name)).get("weight_map")
+        files = sorted(set(weight_map.values())) if isinstance(weight_map, dict) else []
+        if not files or any(not isinstance(f, str) or os.path.basename(f) != f for f in files):
+            raise CheckpointError(f"{os.path.join(path, name)} does not list weight files of this folder")
+    state = {}
+    for f in files:
+        part = load_checkpoint_file(os.path.join(path, f))
+        bad = next((k for k, v in part.items() if not isinstance(v, torch.Tensor)), None)
+        if bad is not None:
+            raise CheckpointError(f"{os.path.join(path, f)} is not a flat state dict (entry {bad!r})")
+        state.update(part)
+    return state, name
 
 
-def check_export_target(path, keep=()):
-    """Raise ExportError (one line, before any work) when exporting to ``path`` cannot leave what
-    it promises: ``path`` is a folder, two of the files it writes (``export_files``) are the same
-    file (``--export model.json`` would have its metadata overwrite the ONNX file), or it would
-    overwrite one of ``keep`` (e.g. the model file being exported)."""
-    path = os.fspath(path)
-    if os.path.isdir(path) or path.endswith(("/", os.sep)) or not os.path.basename(path):
-        raise ExportError(f"{path} is a folder; name the ONNX file to write, e.g. {os.path.join(path, 'model.onnx')}")
-    same = lambda p: os.path.normcase(os.path.realpath(os.fspath(p)))  # noqa: E731
-    written = export_files(path)
-    json_path = onnx_json_path(path)
-    for other in written[1:]:
-        if same(other) == same(path):
-            suggestion = os.path.splitext(path)[0] + ".onnx"
-            what = "its metadata JSON" if other == json_path else "a temporary file"
-            raise ExportError(f"cannot export to {path}: {what} would be written to {other}, the same file, "
-                              f"overwriting the ONNX file; name the ONNX file e.g. {suggestion}")
-    for kept in keep:
-        for target in written:
-            if kept and os.path.exists(kept) and same(target) == same(kept):
-                what = "the ONNX file" if target == path else f"its metadata {json_path}" if target == json_path \
-                    else f"its temporary file {target}"
-                raise ExportError(f"cannot export to {path}: {what} would overwrite {kept}; choose another name")
+def _hf_to_timm(hf, root, token, heads, depth, qkv_bias, source):
+    """The timm state dict of the Hugging Face weights ``hf``: query, key and value stacked into qkv,
+    each weight used once; one that is missing or left over raises CheckpointError."""
+    hf = dict(hf)
+
+    def take(*keys):  # the first of ``keys`` the file holds
+        found = next((k for k in keys if k in hf), None)
+        if found is None:
+            raise CheckpointError(f"{source} lacks the weight {keys[0]} that its config.json implies")
+        return hf.pop(found)
+
+    def layer(i, names, suffix):
+        return take(*(f"{root}.{r.format(i)}{n}.{suffix}" for r in HF_LAYER_ROOTS for n in names))
+
+    emb = f"{root}.embeddings."
+    state = {"cls_token": take(emb + "cls_token"), "pos_embed": take(emb + "position_embeddings"),
+             "patch_embed.proj.weight": take(emb + "patch_embeddings.projection.weight"),
+             "patch_embed.proj.bias": take(emb + "patch_embeddings.projection.bias")}
+    if token:
+        state[token] = take(emb + "distillation_token")
+    for i in range(depth):
+        for suffix in ("weight", "bias") if qkv_bias else ("weight",):
+            state[f"blocks.{i}.attn.qkv.{suffix}"] = torch.cat([layer(i, names, suffix) for names in HF_QKV])
+        for module, names in HF_LAYER_MODULES.items():
+            for suffix in ("weight", "bias"):
+                state[f"blocks.{i}.{module}.{suffix}"] = layer(i, names, suffix)
+    for suffix in ("weight", "bias"):
+        state[f"norm.{suffix}"] = take(f"{root}.layernorm.{suffix}")
+        for timm_head, hf_head in heads.items():
+            state[f"{timm_head}.{suffix}"] = take(f"{hf_head}.{suffix}")
+    left = [k for k in hf if not k.startswith(tuple(f"{root}.{u}" for u in HF_UNUSED))]
+    if left:
+        raise CheckpointError(f"{source} holds {len(left)} weights that its config.json has no place for, "
+                              f"e.g. {left[0]}")
+    if state["head.weight"].dim() != 2:
+        raise CheckpointError(f"{source}: the classifier weight has shape {tuple(state['head.weight'].shape)}")
+    return state
 
 
-def _onnxruntime_version():
-    return _onnxruntime().__version__
-
-
-def _onnxruntime():
-    """ONNX Runtime, imported here only: training, search and pruning run without it (and without
-    its import time); only export and its verification need it."""
-    try:
-        import onnxruntime
-    except ImportError as e:
-        raise ExportError(f"exporting verifies the ONNX file in ONNX Runtime, which is not installed "
-                          f"({clean_message(e)}): pip install onnxruntime") from e
-    return onnxruntime
+def _hf_mean_std(path, channels):
+    """([mean], [std]) per channel from preprocessor_config.json, else ViTImageProcessor's 0.5."""
+    file = os.path.join(path, "preprocessor_config.json")
+    pre = _read_json(file) if os.path.isfile(file) else {}
+    if pre.get("do_normalize") is False:
+        return [0.0] * channels, [1.0] * channels
+    out = []
+    for key in ("image_mean", "image_std"):
+        value = pre.get(key, HF_MEAN_STD)
+        value = [value] * channels if isinstance(value, (int, float)) else value
+        if not isinstance(value, list) or len(value) != channels or \
+                not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+            raise CheckpointError(f"{file}: {key} {value!r} does not give one number per channel ({channels})")
+        out.append([float(v) for v in value])
+    return out[0], out[1]

@@ -46,7 +46,9 @@ patch tokens ``Np``. The kept count at a block is ``kept_tokens(Np, rate) = clip
 
 * the prefix tokens (class, distillation, registers) are always kept, in place;
 * every other token present (patch tokens, and the fused token of an earlier reduction) is
-  scored by the class token's attention probability in that block, averaged over heads;
+  scored by the class token's attention probability in that block, averaged over heads; in a
+  model WITHOUT a class token (SigLIP's attention-pool head, average pooling) by the attention it
+  receives, averaged over all queries and heads (``token_score_kind``: "received");
 * if ``k`` (the kept count) is smaller than the number of such tokens ``n``, the ``k`` highest scored
   are kept (in their previous order) and the other ``n - k`` are fused into ONE token appended at
   the end: their mean (``fuse="mean"``) or their average weighted by the class-token attention
@@ -55,7 +57,9 @@ patch tokens ``Np``. The kept count at a block is ``kept_tokens(Np, rate) = clip
 
 The class-token attention row is computed from the class token's query only,
 ``softmax(q_cls K^T * scale)``, so the main attention keeps using the fused
-``scaled_dot_product_attention`` kernel and no N x N matrix is materialised.
+``scaled_dot_product_attention`` kernel and no N x N matrix is materialised. The "received"
+score needs every row, so such a block computes its attention matrix explicitly, once, and takes
+both its output and the score from it (no extra MACs; ``attention_with_received_attention``).
 """
 import copy
 import inspect
@@ -67,7 +71,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import Mlp
+from timm.layers import AttentionRope, GluMlp, Mlp, RotaryEmbeddingCat, SwiGLU
+from timm.models.eva import Eva, EvaAttention, EvaBlock
+from timm.layers.attention_pool import AttentionPoolLatent
 from timm.models.vision_transformer import Attention, Block
 
 SPEC_VERSION = 1
@@ -86,6 +92,8 @@ class SpecError(ValueError):
 # --------------------------------------------------------------------------------------------
 
 def vit_blocks(model):
+    if isinstance(model, Eva):
+        return eva_blocks(model)
     blocks = getattr(model, "blocks", None)
     if blocks is None:
         raise SpecError(f"{type(model).__name__} has no .blocks: not a timm VisionTransformer")
@@ -109,13 +117,36 @@ def classifier_heads(model):
     return [h for h in heads if isinstance(h, nn.Linear)]
 
 
+def mlp_width(mlp):
+    """Hidden neurons of a block's MLP: the input width of its fc2 (timm Mlp, GluMlp and SwiGLU alike;
+    a GluMlp's fc1 has two rows per neuron)."""
+    return int(mlp.fc2.in_features)
+
+
+def mlp_in_projections(mlp):
+    """Input projections feeding one hidden neuron: 2 for a gated MLP (SwiGLU's fc1_g and fc1_x,
+    GluMlp's two halves of fc1), else 1."""
+    return 2 if isinstance(mlp, (SwiGLU, GluMlp)) else 1
+
+
+def qkv_has_bias(attn):
+    """Whether the q / k / v projections carry a bias (timm Attention's qkv.bias; EvaAttention's
+    q_bias / v_bias or q_proj.bias)."""
+    if getattr(attn, "q_bias", None) is not None:
+        return True
+    lin = attn.qkv if getattr(attn, "qkv", None) is not None else attn.q_proj
+    return lin.bias is not None
+
+
 def model_dims(model):
     """Shapes of a (dense or compressed) timm ViT, read from its live modules.
 
     Returns a plain dict: depth, embed_dim, head_dim, num_heads [per block], mlp_hidden [per
-    block], num_prefix_tokens, num_patches, num_classes, qkv_bias, in_chans, patch_size [h, w],
+    block], mlp_in_proj (input projections of a hidden neuron: 1, or 2 for a gated SwiGLU / GLU
+    MLP), num_prefix_tokens, num_patches, num_classes, qkv_bias, in_chans, patch_size [h, w],
     img_size [h, w], num_classifier_heads (1, or 2 for distilled DeiT), global_pool, attn_gate,
-    has_class_token, and token_reduction (the live schedule: [[block, kept], ...], or None).
+    has_class_token, token_reduction (the live schedule: [[block, kept], ...], or None) and
+    attn_pool (``attn_pool_dims``: an attention-pool head's shapes, or None).
     """
     blocks = vit_blocks(model)
     attn0 = blocks[0].attn
@@ -128,14 +159,15 @@ def model_dims(model):
     reducing = [[i, int(b.token_keep)] for i, b in enumerate(blocks) if isinstance(b, TokenReducingBlock)]
     return {
         "depth": len(blocks),
-        "embed_dim": int(attn0.qkv.in_features),
+        "embed_dim": int(attn0.proj.out_features),
         "head_dim": int(attn0.head_dim),
         "num_heads": [int(b.attn.num_heads) for b in blocks],
-        "mlp_hidden": [int(b.mlp.fc1.out_features) for b in blocks],
+        "mlp_hidden": [mlp_width(b.mlp) for b in blocks],
+        "mlp_in_proj": mlp_in_projections(blocks[0].mlp),
         "num_prefix_tokens": int(getattr(model, "num_prefix_tokens", 1)),
         "num_patches": int(pe.num_patches) if grid is None else int(grid[0] * grid[1]),
         "num_classes": int(getattr(model, "num_classes", 0)),
-        "qkv_bias": attn0.qkv.bias is not None,
+        "qkv_bias": qkv_has_bias(attn0),
         "in_chans": int(in_chans),
         "patch_size": [int(p) for p in patch_size],
         "img_size": None if img_size is None else [int(s) for s in img_size],
@@ -144,7 +176,37 @@ def model_dims(model):
         "attn_gate": getattr(attn0, "gate", None) is not None,
         "has_class_token": getattr(model, "cls_token", None) is not None,
         "token_reduction": reducing or None,
+        "attn_pool": attn_pool_dims(model),
     }
+
+
+def attn_pool_dims(model):
+    """Shapes of ``model``'s attention-pool head (timm ``global_pool='map'``: SigLIP's
+    AttentionPoolLatent, a latent query attending over the final tokens), or None without one.
+
+    A dict of primitives: latent_len (queries), q [in, out] (the latent's projection; None when the
+    latent is the query itself), kv [in, out], attn_dim (channels of q . k and attn @ v), proj and
+    the MLP's fc1 / fc2 as [in, out] (None in timm's pre-logits mode), include_prefix (the pool also
+    sees the prefix tokens) and vectors (pooled vectors per image the classifier gets). The pool is
+    never pruned. Another pool (timm's global_pool='prr') is refused: SpecError naming its class.
+    """
+    pool = getattr(model, "attn_pool", None)
+    if pool is None:
+        return None
+    if type(pool) is not AttentionPoolLatent:
+        raise SpecError(f"attention pool {type(pool).__name__} (timm global_pool={getattr(model, 'global_pool', None)!r}) "
+                        f"is not supported: only AttentionPoolLatent (global_pool='map') is counted and compressed")
+    mlp = pool.mlp
+    if mlp is not None and not (type(mlp) is Mlp and isinstance(mlp.fc1, nn.Linear) and isinstance(mlp.fc2, nn.Linear)):
+        raise SpecError(f"attention pool MLP {type(mlp).__name__} is not supported (only timm Mlp)")
+
+    def shape(lin):
+        return [int(lin.in_features), int(lin.out_features)] if isinstance(lin, nn.Linear) else None
+    return {"latent_len": int(pool.latent_len), "q": shape(pool.q), "kv": shape(pool.kv),
+            "attn_dim": int(pool.num_heads * pool.head_dim), "proj": shape(pool.proj),
+            "fc1": None if mlp is None else shape(mlp.fc1), "fc2": None if mlp is None else shape(mlp.fc2),
+            "include_prefix": bool(getattr(model, "pool_include_prefix", False)),
+            "vectors": 1 if pool.pool in ("token", "avg") else int(pool.latent_len)}
 
 
 def misaligned_widths(model, multiple=8):
@@ -466,28 +528,6 @@ def resolve_policy(depth, sparsities=(None, None, None), policy="", default_path
              "neuron": [float(v) * active[1] for v in found["neuron"]], "token": float(found["token"]) * active[2]},
             source, rankings)
 
-def paper_finetune_recipe():
-    """The original implementation's prune + finetune settings (a new dict each call), keyed by
-    main.py's argument names. Its prune_finetune step simply continued with its training defaults
-    (DeiT's recipe): 300 epochs, AdamW, base lr 5e-4 scaled by global batch / 512 (8 GPUs x 128 =
-    1e-3), cosine schedule stepped per epoch with 5 warm-up epochs from 1e-6 down to 1e-5, weight
-    decay 0.05, RandAugment, random erasing, mixup / cutmix, label smoothing, repeated
-    augmentation, drop-path 0.1, model EMA (kept, never evaluated), mixed precision, NO
-    distillation (its distillation-for-finetuning code is commented out), training mode on.
-    Its cooldown_epochs of 10 only lengthen the scheduler's nominal length; the loop ran 300
-    epochs. It evaluated on ImageNet val after every epoch and printed the best so far."""
-    return {
-        "finetune_epochs": 300, "finetune_lr": 5e-4, "unscale_lr": False, "opt": "adamw", "opt_eps": 1e-8,
-        "opt_betas": None, "weight_decay": 0.05, "clip_grad": None, "sched": "cosine", "warmup_epochs": 5,
-        "warmup_lr": 1e-6, "min_lr": 1e-5, "cooldown_epochs": 10, "smoothing": 0.1, "mixup": 0.8,
-        "cutmix": 1.0, "cutmix_minmax": None, "mixup_prob": 1.0, "mixup_switch_prob": 0.5,
-        "mixup_mode": "batch", "aa": "rand-m9-mstd0.5-inc1", "color_jitter": 0.4,
-        "train_interpolation": "bicubic", "reprob": 0.25, "remode": "pixel", "recount": 1,
-        "repeated_aug": True, "drop": 0.0, "drop_path": 0.1, "model_ema": True, "model_ema_decay": 0.99996,
-        "distillation_type": "none", "amp": True,
-    }
-
-
 # --------------------------------------------------------------------------------------------
 # specs
 # --------------------------------------------------------------------------------------------
@@ -642,8 +682,6 @@ def validate_spec(spec, dims):
     fuse = tokens.get("fuse", "mean")
     if fuse not in FUSE_MODES:
         raise SpecError(f"token fuse must be one of {FUSE_MODES}, got {fuse!r}")
-    if blocks and not dims.get("has_class_token", True):
-        raise SpecError("token reduction needs a class token, this model has none")
 
 
 # --------------------------------------------------------------------------------------------
@@ -666,6 +704,12 @@ def _slice_linear_in(lin, cols):
     lin.in_features = int(cols.numel())
 
 
+def _head_channels(heads, head_dim, device):
+    """The channels of ``heads`` in a [heads * head_dim] layout (head-major), as a long tensor."""
+    return (torch.as_tensor(heads, dtype=torch.long, device=device)[:, None] * head_dim
+            + torch.arange(head_dim, device=device)[None, :]).reshape(-1)
+
+
 def _keep_heads(attn, heads, block):
     """Keep only ``heads`` (ascending indices) of a timm Attention: qkv rows of the q, k and v parts,
     gate rows, proj columns, and num_heads / attn_dim, all at once."""
@@ -674,9 +718,7 @@ def _keep_heads(attn, heads, block):
         return
     if not isinstance(attn.norm, nn.Identity):
         raise SpecError(f"block {block}: pruning heads of an attention with scale_norm is not supported")
-    dev = attn.qkv.weight.device
-    chan = (torch.as_tensor(heads, dtype=torch.long, device=dev)[:, None] * hd
-            + torch.arange(hd, device=dev)[None, :]).reshape(-1)          # kept channels of one part
+    chan = _head_channels(heads, hd, attn.qkv.weight.device)              # kept channels of one part
     attn_dim = n_heads * hd
     rows = torch.cat([chan + part * attn_dim for part in range(3)])          # q, k, v parts
     _slice_linear_out(attn.qkv, rows)
@@ -703,6 +745,9 @@ def slice_block(blk, heads, neurons):
     (counts; which ones does not matter for its shapes): a unit whose cost the latency table measures."""
     blk = copy.deepcopy(blk)
     with torch.no_grad():
+        if isinstance(blk, EvaBlock):
+            eva_keep_components(blk, list(range(int(heads))), list(range(int(neurons))))
+            return blk
         _keep_heads(blk.attn, list(range(int(heads))), 0)
         _keep_neurons(blk.mlp, list(range(int(neurons))), 0)
     return blk
@@ -739,11 +784,15 @@ def apply_spec(model, spec):
     spec = _canonical(spec)
     # every check before the first change, so a refused spec leaves the model as it was
     for b, blk in enumerate(blocks):
+        if isinstance(blk, EvaBlock):  # its inner norms are sliced with its heads / neurons (eva_blocks checked them)
+            continue
         if spec["heads"][b] != list(range(dims["num_heads"][b])) and not isinstance(blk.attn.norm, nn.Identity):
             raise SpecError(f"block {b}: pruning heads of an attention with scale_norm is not supported")
         if spec["neurons"][b] != list(range(dims["mlp_hidden"][b])) and not isinstance(blk.mlp.norm, nn.Identity):
             raise SpecError(f"block {b}: pruning neurons of an MLP with a hidden norm is not supported")
     if spec["tokens"] is not None:
+        if spec["tokens"]["blocks"] and token_reduction_refusal(model):
+            raise SpecError(token_reduction_refusal(model))
         for b in spec["tokens"]["blocks"]:
             if type(blocks[b]) not in (Block, TokenReducingBlock):
                 raise SpecError(f"token reduction supports timm Block exactly, not {type(blocks[b]).__name__}")
@@ -752,13 +801,16 @@ def apply_spec(model, spec):
             _restore_block(blk)
     with torch.no_grad():
         for b, blk in enumerate(blocks):
+            if isinstance(blk, EvaBlock):
+                eva_keep_components(blk, spec["heads"][b], spec["neurons"][b])
+                continue
             _keep_heads(blk.attn, spec["heads"][b], b)
             _keep_neurons(blk.mlp, spec["neurons"][b], b)
     tokens = spec["tokens"]
     if tokens is not None:
         for b, rate in zip(tokens["blocks"], tokens["keep_rates"]):
             _make_reducing(blocks[b], kept_tokens(dims["num_patches"], rate), dims["num_prefix_tokens"],
-                           tokens["fuse"])
+                           tokens["fuse"], token_score_kind(dims))
     _guard_intermediates(model, tokens is not None)
     model.prune_spec = spec
     return model
@@ -795,6 +847,46 @@ def attention_with_class_row(attn, x, num_prefix):
     return attn.proj_drop(attn.proj(out)), cls_row
 
 
+TOKEN_SCORES = ("class", "received")
+
+
+def token_score_kind(dims):
+    """The token score of a reducing block in a model of ``dims`` (``model_dims``): "class", the
+    class token's attention (EViT); "received" for a model without a class token."""
+    return "class" if dims.get("has_class_token", True) else "received"
+
+
+def attention_with_received_attention(attn, x, num_prefix):
+    """Run timm ``Attention`` ``attn`` on ``x`` [B, N, C] and also return the attention each
+    non-prefix token receives, averaged over all N queries and over heads: [B, N - num_prefix].
+
+    The token score of a model without a class token: its classifier reads a pool over all tokens
+    (SigLIP's latent query, an average), so a token matters by how much every token draws from it.
+    The score needs every row of the attention, so the matrix is computed explicitly, once, and
+    the output comes from the same matrix (no MACs beyond the block's own attention).
+    """
+    bsz, n_tok, _ = x.shape
+    heads, hd = attn.num_heads, attn.head_dim
+    qkv = attn.qkv(x).reshape(bsz, n_tok, 3, heads, hd).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)                                   # [B, H, N, hd] each
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    weights = torch.softmax((q * attn.scale) @ k.transpose(-2, -1), dim=-1)   # [B, H, N, N]
+    received = weights[..., num_prefix:].mean(dim=(1, 2))
+    out = attn.norm((attn.attn_drop(weights) @ v).transpose(1, 2).reshape(bsz, n_tok, heads * hd))
+    gate = getattr(attn, "gate", None)
+    if gate is not None:
+        out = out * torch.sigmoid(gate(x))
+    return attn.proj_drop(attn.proj(out)), received
+
+
+def attention_with_token_score(attn, x, num_prefix, score="class"):
+    """``attention_with_class_row`` (score "class") or ``attention_with_received_attention``
+    ("received"): the attention branch's output and the score of every non-prefix token."""
+    if score == "received":
+        return attention_with_received_attention(attn, x, num_prefix)
+    return attention_with_class_row(attn, x, num_prefix)
+
+
 def reduce_tokens(x, score, num_prefix, keep, fuse="mean"):
     """Keep the prefix tokens and the ``keep`` best-scored other tokens of ``x`` [B, N, C]
     (``score`` [B, N - num_prefix]); fuse the rest into one token appended last.
@@ -823,7 +915,8 @@ class TokenReducingBlock(Block):
     """A timm ``Block`` that reduces tokens between its attention and MLP branches.
 
     Instances are made by swapping the class of an existing Block (``_make_reducing``); the extra
-    attributes are ``token_keep`` (kept non-prefix tokens), ``token_prefix`` and ``token_fuse``.
+    attributes are ``token_keep`` (kept non-prefix tokens), ``token_prefix``, ``token_fuse`` and
+    ``token_score`` (``TOKEN_SCORES``: "class", or "received" in a model without a class token).
     """
 
     def forward(self, x, attn_mask=None, is_causal=False):
@@ -832,22 +925,23 @@ class TokenReducingBlock(Block):
         n_rest = x.shape[1] - self.token_prefix
         if self.token_keep >= n_rest:
             return super().forward(x)
-        y, cls_row = attention_with_class_row(self.attn, self.norm1(x), self.token_prefix)
+        y, score = attention_with_token_score(self.attn, self.norm1(x), self.token_prefix, self.token_score)
         x = x + self.drop_path1(self.ls1(y))
-        x = reduce_tokens(x, cls_row, self.token_prefix, self.token_keep, self.token_fuse)
+        x = reduce_tokens(x, score, self.token_prefix, self.token_keep, self.token_fuse)
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
     def extra_repr(self):
-        return f"token_keep={self.token_keep}, token_fuse={self.token_fuse}"
+        return f"token_keep={self.token_keep}, token_fuse={self.token_fuse}, token_score={self.token_score}"
 
 
-def _make_reducing(blk, keep, num_prefix, fuse):
+def _make_reducing(blk, keep, num_prefix, fuse, score="class"):
     if type(blk) is not Block and type(blk) is not TokenReducingBlock:
         raise SpecError(f"token reduction supports timm Block exactly, not {type(blk).__name__}")
     blk.__class__ = TokenReducingBlock
     blk.token_keep = int(keep)
     blk.token_prefix = int(num_prefix)
     blk.token_fuse = fuse
+    blk.token_score = score
 
 
 def _guard_intermediates(model, reduced):
@@ -892,6 +986,157 @@ def _set_input_size_tokens(self, img_size=None, patch_size=None):
 
 def _restore_block(blk):
     blk.__class__ = Block
-    for name in ("token_keep", "token_prefix", "token_fuse"):
+    for name in ("token_keep", "token_prefix", "token_fuse", "token_score"):
         if name in blk.__dict__:
             delattr(blk, name)
+
+
+# --------------------------------------------------------------------------------------------
+# EVA-02 (timm.models.eva.Eva): its blocks, head / neuron slicing, and why tokens stay
+# --------------------------------------------------------------------------------------------
+# An EvaBlock computes x + gamma_1 * attn(norm1(x), rope), then x + gamma_2 * mlp(norm2(x)). Its
+# attention rotates the queries and keys of the patch tokens by a rotary position embedding (rope)
+# that the model computes once per forward for the patch grid; it acts on head_dim and is the same
+# for every head, so heads drop cleanly. timm's EvaAttention reshapes its output to the block width,
+# so a block that keeps fewer heads runs timm's AttentionRope instead: the same computation (rope
+# on the non-prefix tokens, q / k norms, the inner norm of scale_attn_inner, gate, proj) reshaped by
+# attn_dim. A fused qkv with q_bias / v_bias (EVA-02 Ti / S) becomes q_proj, k_proj (no bias, as
+# in EvaAttention) and v_proj; a fused qkv without biases stays fused. SwiGLU keeps the fc1_g and
+# fc1_x rows of a neuron together, GluMlp both halves of fc1. An inner LayerNorm (attn.norm of
+# scale_attn_inner, mlp.norm of scale_mlp, EVA-02 B / L) keeps the channels it normalises: it then
+# normalises over the kept ones, which is the sliced model's definition (not a zeroed channel).
+
+EVA_TOKEN_REFUSAL = ("EVA models cannot reduce tokens: their attention rotates each patch's query and key by its "
+                     "rotary position embedding, which dropping or fusing tokens would have to gather alongside; "
+                     "compress heads and neurons only (--head_pruning --neuron_pruning, token rate 0)")
+
+
+def token_reduction_refusal(model):
+    """Why ``model`` cannot reduce tokens (one line), or None when it can."""
+    return EVA_TOKEN_REFUSAL if isinstance(model, Eva) else None
+
+
+def eva_blocks(model):
+    """The blocks of a timm Eva, checked to be what this tool compresses: EvaBlock (pre-norm) with
+    EvaAttention or AttentionRope (as many key / value heads as query heads), a SwiGLU, GluMlp or Mlp
+    of nn.Linear layers, inner norms that are LayerNorm or none, and a rope shared by all heads
+    (EVA-02's RotaryEmbeddingCat) or none. SpecError (one line) naming what is not."""
+    rope = getattr(model, "rope", None)
+    if rope is not None and not isinstance(rope, RotaryEmbeddingCat):
+        raise SpecError(f"{type(model).__name__} uses a {type(rope).__name__} rotary embedding; only EVA-02's "
+                        f"RotaryEmbeddingCat (one rope for every head) is supported")
+    out = list(model.blocks)
+    if not out:
+        raise SpecError("model has no transformer blocks")
+    for i, blk in enumerate(out):
+        if not isinstance(blk, EvaBlock):
+            raise SpecError(f"block {i} is a {type(blk).__name__}, only timm eva.EvaBlock (pre-norm) is supported")
+        attn, mlp = blk.attn, blk.mlp
+        if not isinstance(attn, (EvaAttention, AttentionRope)):
+            raise SpecError(f"block {i} attention is a {type(attn).__name__}, only EvaAttention / AttentionRope "
+                            f"is supported")
+        if getattr(attn, "num_kv_heads", attn.num_heads) != attn.num_heads:
+            raise SpecError(f"block {i} has grouped-query attention ({attn.num_kv_heads} key/value heads for "
+                            f"{attn.num_heads} heads), which is not supported")
+        linears = [mlp.fc1_g, mlp.fc1_x] if isinstance(mlp, SwiGLU) else [getattr(mlp, "fc1", None)]
+        if not isinstance(mlp, (SwiGLU, GluMlp, Mlp)) or not all(isinstance(m, nn.Linear)
+                                                                for m in linears + [mlp.fc2]):
+            raise SpecError(f"block {i} MLP is a {type(mlp).__name__}, only SwiGLU, GluMlp or Mlp of nn.Linear "
+                            f"layers is supported")
+        for where, norm in (("attention", attn.norm), ("MLP", mlp.norm)):
+            if not isinstance(norm, (nn.Identity, nn.LayerNorm)):
+                raise SpecError(f"block {i}'s {where} inner norm is a {type(norm).__name__}; only LayerNorm can "
+                                f"be sliced")
+    return out
+
+
+def eva_keep_components(blk, heads, neurons):
+    """Keep only ``heads`` and ``neurons`` (ascending indices) of an EvaBlock: weights, inner norms
+    and num_heads / attn_dim together (see the section's comment). Keeping every head leaves the
+    attention as it was."""
+    attn = blk.attn
+    if list(heads) != list(range(attn.num_heads)):
+        if isinstance(attn, EvaAttention):
+            attn = blk.attn = _as_attention_rope(attn)
+        _keep_rope_heads(attn, heads)
+    _keep_eva_neurons(blk.mlp, neurons)
+
+
+def _linear_from(weight, bias, like):
+    """An nn.Linear holding ``weight`` [out, in] and ``bias`` (or None), trainable as ``like``'s weight."""
+    lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    lin.weight = _new_param(like.weight, weight)
+    if bias is not None:
+        lin.bias = _new_param(bias, bias.detach())
+    return lin
+
+
+def _as_attention_rope(attn):
+    """timm AttentionRope computing what EvaAttention ``attn`` computes, holding its modules and weights."""
+    fused = attn.qkv is not None
+    heads, hd = attn.num_heads, attn.head_dim
+    dim = (attn.qkv if fused else attn.q_proj).in_features
+    split = fused and attn.q_bias is not None
+    with torch.device("meta"):  # a shell: every module and weight is replaced below
+        new = AttentionRope(dim, num_heads=heads, qkv_bias=False, qkv_fused=fused and not split,
+                            num_prefix_tokens=attn.num_prefix_tokens, attn_head_dim=hd,
+                            rotate_half=getattr(attn, "rotate_half", False))
+    if split:  # EvaAttention's qkv bias is cat(q_bias, zeros, v_bias): k gets no bias
+        w, width = attn.qkv.weight.detach(), heads * hd
+        new.q_proj, new.k_proj, new.v_proj = (_linear_from(w[p * width:(p + 1) * width], bias, attn.qkv)
+                                              for p, bias in enumerate((attn.q_bias, None, attn.v_bias)))
+    elif fused:
+        new.qkv = attn.qkv
+    else:
+        new.q_proj, new.k_proj, new.v_proj = attn.q_proj, attn.k_proj, attn.v_proj
+    for name in ("q_norm", "k_norm", "attn_drop", "norm", "gate", "proj", "proj_drop"):
+        setattr(new, name, getattr(attn, name))
+    new.fused_attn = attn.fused_attn
+    return new.train(attn.training)
+
+
+def _slice_norm(norm, idx):
+    """Keep channels ``idx`` of an inner LayerNorm (it then normalises over them); an Identity stays."""
+    if isinstance(norm, nn.Identity):
+        return
+    for name in ("weight", "bias"):
+        p = getattr(norm, name)
+        if p is not None:
+            setattr(norm, name, _new_param(p, p.detach().index_select(0, idx)))
+    norm.normalized_shape = (int(idx.numel()),)
+
+
+def _keep_rope_heads(attn, heads):
+    """Keep only ``heads`` of a timm AttentionRope: q / k / v rows (fused or not), gate rows, inner-norm
+    channels, proj columns, and num_heads / attn_dim (its output reshape) with the key / value counts."""
+    hd, width = attn.head_dim, attn.num_heads * attn.head_dim
+    chan = _head_channels(heads, hd, attn.proj.weight.device)
+    if attn.qkv is not None:
+        _slice_linear_out(attn.qkv, torch.cat([chan + part * width for part in range(3)]))
+    else:
+        for lin in (attn.q_proj, attn.k_proj, attn.v_proj):
+            _slice_linear_out(lin, chan)
+    if attn.gate is not None:
+        _slice_linear_out(attn.gate, chan)
+    _slice_norm(attn.norm, chan)
+    _slice_linear_in(attn.proj, chan)
+    attn.num_heads = attn.num_kv_heads = len(heads)
+    attn.attn_dim = attn.kv_dim = len(heads) * hd
+
+
+def _keep_eva_neurons(mlp, neurons):
+    """Keep only ``neurons`` of an EvaBlock's MLP: SwiGLU's fc1_g and fc1_x rows, GluMlp's rows of both
+    halves of fc1 (what chunk(2) splits), or Mlp's fc1 rows; the inner norm's channels; fc2 columns."""
+    width = mlp_width(mlp)
+    if list(neurons) == list(range(width)):
+        return
+    idx = torch.as_tensor(neurons, dtype=torch.long, device=mlp.fc2.weight.device)
+    if isinstance(mlp, SwiGLU):
+        _slice_linear_out(mlp.fc1_g, idx)
+        _slice_linear_out(mlp.fc1_x, idx)
+    elif isinstance(mlp, GluMlp):
+        _slice_linear_out(mlp.fc1, torch.cat([idx, idx + width]))
+    else:
+        _slice_linear_out(mlp.fc1, idx)
+    _slice_norm(mlp.norm, idx)
+    _slice_linear_in(mlp.fc2, idx)

@@ -12,7 +12,7 @@ rankings), then times dense and compressed forwards interleaved under ``torch.in
 the dtype handling of ``main.py --throughput``), elsewhere in float32; forwards are timed by
 latency.time_calls.
 
-With ``--onnxruntime`` every model is also exported with ``models.export_onnx`` (verified against
+With ``--onnxruntime`` every model is also exported with ``export.export_onnx`` (verified against
 PyTorch) and run in ONNX Runtime's CPU execution provider, interleaved with the PyTorch eager
 forwards of the same batch; the table then gives ORT images/s next to eager images/s, each
 speed-up against the dense model run the same way, and that speed-up over the MACs ratio.
@@ -32,6 +32,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import engine  # noqa: E402
+import export  # noqa: E402
 import flops  # noqa: E402
 import latency  # noqa: E402
 import models  # noqa: E402
@@ -76,10 +77,10 @@ def main():
                    help="torch CPU threads and ONNX Runtime intra-op threads (0: each library's default)")
     p.add_argument("--onnxruntime", action="store_true",
                    help="also export each model to ONNX and time it in ONNX Runtime (CPU execution provider)")
-    p.add_argument("--exporter", nargs="+", default=[models.DEFAULT_ONNX_EXPORTER], metavar="NAME[:OPSET]",
+    p.add_argument("--exporter", nargs="+", default=[export.DEFAULT_ONNX_EXPORTER], metavar="NAME[:OPSET]",
                    help=f"torch.onnx exporter(s) for --onnxruntime, each timed side by side: "
-                        f"{' or '.join(models.ONNX_EXPORTERS)}, optionally with an opset (dynamo:18)")
-    p.add_argument("--opset", type=int, default=models.ONNX_OPSET, help="opset of an --exporter given without one")
+                        f"{' or '.join(export.ONNX_EXPORTERS)}, optionally with an opset (dynamo:18)")
+    p.add_argument("--opset", type=int, default=export.ONNX_OPSET, help="opset of an --exporter given without one")
     p.add_argument("--onnx-dir", default=None, help="keep the exported files here (default: a temporary folder)")
     args = p.parse_args()
     try:
@@ -155,17 +156,17 @@ def report_eager(times, macs, batch):
 
 def parse_variant(text, default_opset):
     name, _, opset = text.partition(":")
-    if name not in models.ONNX_EXPORTERS:
-        raise ValueError(f"unknown exporter '{name}' (choose {', '.join(models.ONNX_EXPORTERS)})")
+    if name not in export.ONNX_EXPORTERS:
+        raise ValueError(f"unknown exporter '{name}' (choose {', '.join(export.ONNX_EXPORTERS)})")
     return name, int(opset) if opset else default_opset
 
 
 def export_runners(models_, args, folder, x):
-    """Export every model with each chosen exporter and opset (verified by models.export_onnx) and
+    """Export every model with each chosen exporter and opset (verified by export.export_onnx) and
     return {"ort-<exporter>-<opset>": {model name: call}} running the batch ``x`` in an ONNX Runtime
     CPU session."""
     mean, std = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-    feed = {models.ONNX_INPUT_NAME: x.detach().cpu().float().numpy()}
+    feed = {export.ONNX_INPUT_NAME: x.detach().cpu().float().numpy()}
     out = {}
     for exporter, opset in args.variants:
         key = f"ort-{exporter}-{opset}"
@@ -174,12 +175,12 @@ def export_runners(models_, args, folder, x):
             path = os.path.join(folder, f"{args.model}{name.replace('%', 'pct')}-{exporter}-{opset}.onnx")
             arch = models.model_arch(args.model, m, args.img_size, mean, std)
             t0 = time.perf_counter()
-            meta = models.export_onnx(m, path, arch, opset=opset, exporter=exporter)
+            meta = export.export_onnx(m, path, arch, opset=opset, exporter=exporter)
             check = meta["verification"]
             print(f"exported {name} with {exporter} (opset {opset}) in {time.perf_counter() - t0:.0f} s: "
                   f"{os.path.getsize(path) / 1e6:.1f} MB, max |ORT - PyTorch| {check['max_abs_diff']:.2e}, "
                   f"top-1 agreement {check['top1_agreement']:.0%}", flush=True)
-            sess = models.onnx_session(path, threads=args.threads, spinning=False)
+            sess = export.onnx_session(path, threads=args.threads, spinning=False)
             out[key][name] = (lambda s=sess: s.run(None, feed))
     return out
 

@@ -1,13 +1,15 @@
-"""Deployment: ONNX export checked in ONNX Runtime against PyTorch, and torch.compile against eager.
+"""Deployment: ONNX export checked in ONNX Runtime against PyTorch, torch.export programs (.pt2) run
+by a fresh interpreter without this repository, and torch.compile against eager.
 
 Each exported file is run by a fresh ONNX Runtime session here (not only through
-``models.verify_onnx``), at batch sizes 1 and 5 from the same file. Token-reduced exports are also
+``export.verify_onnx``), at batch sizes 1 and 5 from the same file. Token-reduced exports are also
 compared with the same weights WITHOUT token reduction, so a graph that silently skipped the
 reduction would fail.
 """
 import copy
 import json
 import os
+import subprocess
 import sys
 
 import numpy as np
@@ -17,6 +19,7 @@ from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import Block, VisionTransformer
 
 import engine
+import export
 import flops
 import models
 import pruning
@@ -87,21 +90,21 @@ CASES = {
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    """export(case) -> (model, path, returned metadata); each case is exported once per module.
+    """exported(case) -> (model, path, returned metadata); each case is exported once per module.
     The model is handed over in TRAINING mode: export must neither change its mode nor its weights."""
     done = {}
 
-    def export(case):
+    def export_case(case):
         if case not in done:
             model = CASES[case]().train()
             before = {k: v.clone() for k, v in model.state_dict().items()}
             path = tmp_path_factory.mktemp(case.replace("+", "_")) / "model.onnx"
-            meta = models.export_onnx(model, path, arch_of(model, case), crop_ratio=0.9)
+            meta = export.export_onnx(model, path, arch_of(model, case), crop_ratio=0.9)
             assert model.training
             assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
             done[case] = (model.eval(), path, meta)
         return done[case]
-    return export
+    return export_case
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -148,17 +151,17 @@ def test_metadata_json_has_what_a_deployer_needs(exported):
     assert saved["gmacs"] == cost["macs"] / 1e9 and saved["params"] == cost["params"]
     assert saved["prune_spec"] == model.prune_spec and saved["prune_spec"]["tokens"]["blocks"] == [1, 3, 4]
     assert saved["input"]["name"] == "input" and saved["output"]["name"] == "logits"
-    assert saved["opset"] >= 17 and saved["exporter"] == models.DEFAULT_ONNX_EXPORTER
+    assert saved["opset"] >= 17 and saved["exporter"] == export.DEFAULT_ONNX_EXPORTER
     assert saved["verification"]["max_abs_diff"] <= 1e-4
     assert sorted(p.name for p in path.parent.iterdir()) == ["model.json", "model.onnx"]   # nothing partial
 
 
 def test_export_with_given_images_and_the_other_exporter(tmp_path):
     """Real images instead of random ones, and the exporter that is not the default."""
-    other = [e for e in models.ONNX_EXPORTERS if e != models.DEFAULT_ONNX_EXPORTER][0]
+    other = [e for e in export.ONNX_EXPORTERS if e != export.DEFAULT_ONNX_EXPORTER][0]
     model = compress(tiny_vit(), head=0.25, neuron=0.3, token=0.3, fuse="weighted")
     x = images(3, seed=7)
-    meta = models.export_onnx(model, tmp_path / "m.onnx", arch_of(model), sample=x, exporter=other)
+    meta = export.export_onnx(model, tmp_path / "m.onnx", arch_of(model), sample=x, exporter=other)
     assert meta["exporter"] == other and meta["verification"]["images"] == 3
     assert meta["verification"]["sample"] == "given images"
     with torch.no_grad():
@@ -173,27 +176,27 @@ def test_unsupported_block_is_one_line_error_naming_it(tmp_path):
     model = tiny_vit()
     model.blocks[2].__class__ = CustomBlock
     path = tmp_path / "m.onnx"
-    with pytest.raises(models.ExportError, match=r"block 2: CustomBlock is not supported") as err:
-        models.export_onnx(model, path, arch_of(model))
+    with pytest.raises(export.ExportError, match=r"block 2: CustomBlock is not supported") as err:
+        export.export_onnx(model, path, arch_of(model))
     assert isinstance(err.value, UserError) and "\n" not in str(err.value)
     assert not path.exists() and not (tmp_path / "m.json").exists()
 
 
 def test_other_refusals_are_one_line(tmp_path):
     model = tiny_vit()
-    with pytest.raises(models.ExportError, match="only timm VisionTransformer"):
-        models.export_onnx(torch.nn.Linear(3, 3), tmp_path / "a.onnx", arch_of(model))
-    with pytest.raises(models.ExportError, match="expects 32x32 images but its file says input_size 64"):
-        models.export_onnx(model, tmp_path / "b.onnx", models.model_arch("tiny", model, 64, MEAN, STD))
-    with pytest.raises(models.ExportError, match=r"verification images have shape \(2, 3, 16, 16\)"):
-        models.export_onnx(model, tmp_path / "c.onnx", arch_of(model), sample=torch.zeros(2, 3, 16, 16))
-    with pytest.raises(models.ExportError, match="opset 16 is too old"):
-        models.export_onnx(model, tmp_path / "d.onnx", arch_of(model), opset=16)
+    with pytest.raises(export.ExportError, match="only timm VisionTransformer"):
+        export.export_onnx(torch.nn.Linear(3, 3), tmp_path / "a.onnx", arch_of(model))
+    with pytest.raises(export.ExportError, match="expects 32x32 images but its file says input_size 64"):
+        export.export_onnx(model, tmp_path / "b.onnx", models.model_arch("tiny", model, 64, MEAN, STD))
+    with pytest.raises(export.ExportError, match=r"verification images have shape \(2, 3, 16, 16\)"):
+        export.export_onnx(model, tmp_path / "c.onnx", arch_of(model), sample=torch.zeros(2, 3, 16, 16))
+    with pytest.raises(export.ExportError, match="opset 16 is too old"):
+        export.export_onnx(model, tmp_path / "d.onnx", arch_of(model), opset=16)
     assert list(tmp_path.iterdir()) == []
     (tmp_path / "folder").mkdir()
     for folder in (tmp_path / "folder", f"{tmp_path}/new/"):  # an existing folder, a path ending in '/'
-        with pytest.raises(models.ExportError, match="is a folder; name the ONNX file to write"):
-            models.export_onnx(model, folder, arch_of(model))
+        with pytest.raises(export.ExportError, match="is a folder; name the file to write"):
+            export.export_onnx(model, folder, arch_of(model))
     assert list(tmp_path.iterdir()) == [tmp_path / "folder"] and not any((tmp_path / "folder").iterdir())
 
 
@@ -214,10 +217,67 @@ def test_verify_fails_when_the_file_is_not_this_model(exported):
     other = copy.deepcopy(model)
     with torch.no_grad():
         other.head.bias.add_(0.01)                 # a small, real difference in every logit
-    with pytest.raises(models.ExportError, match=r"ONNX Runtime and PyTorch differ by 0\.01") as err:
-        models.verify_onnx(path, other, images(4))
+    with pytest.raises(export.ExportError, match=r"ONNX Runtime and PyTorch differ by 0\.01") as err:
+        export.verify_onnx(path, other, images(4))
     assert "\n" not in str(err.value)
-    assert models.verify_onnx(path, model, images(4))["max_abs_diff"] <= 1e-4
+    assert export.verify_onnx(path, model, images(4))["max_abs_diff"] <= 1e-4
+
+
+# ------------------------------------------------------------------------------------------------
+# torch.export (.pt2)
+# ------------------------------------------------------------------------------------------------
+
+# run by a fresh, isolated interpreter (-I: no script folder, PYTHONPATH or user site on sys.path)
+LOAD_PT2 = """import json, os, sys, torch
+program = torch.export.load(sys.argv[1]).module()
+x = torch.load(sys.argv[2], weights_only=True)
+with torch.no_grad():
+    torch.save({b: program(x[:b]) for b in (3, 1)}, sys.argv[3])
+print(json.dumps({"loaded": [m for m in ("models", "pruning", "export", "timm") if m in sys.modules],
+                  "repo_on_path": any(os.path.exists(os.path.join(p or ".", "pruning.py")) for p in sys.path)}))
+"""
+
+
+def test_pt2_of_a_compressed_model_file_runs_with_torch_alone(tmp_path):
+    """`main.py --export m.pt2` on a token-reducing compressed model file writes a torch.export
+    program and the ONNX export's metadata JSON; a fresh interpreter without this repository loads it
+    with torch.export.load and gives the model file's logits at batches 3 and 1 (the program was
+    traced at 2 and verified at 8 and 1: the batch is dynamic)."""
+    from helpers import run_cli
+    model = compress(models.build_model("vit_pico_patch8_32", num_classes=10), head=0.25, neuron=0.3, token=0.3)
+    assert model_dims(model)["token_reduction"]
+    model_file = tmp_path / "compressed.pth"
+    models.save_model_file(str(model_file), model, models.model_arch("vit_pico_patch8_32", model, 32, MEAN, STD))
+    out = tmp_path / "deploy"
+    code, stdout, err = run_cli(["--export", out / "m.pt2", "--resume", model_file])
+    assert code == 0, err
+    line = json.loads(stdout.strip().splitlines()[-1])
+    assert line["pt2"] == str(out / "m.pt2") and line["sample"] == "given images" and line["max_abs_diff"] <= 1e-4
+    assert sorted(p.name for p in out.iterdir()) == ["m.json", "m.pt2"]          # nothing partial
+    meta = json.loads((out / "m.json").read_text())
+    assert meta["pt2"] == "m.pt2" and meta["mean"] == MEAN and meta["std"] == STD
+    assert meta["input_size"] == [3, 32, 32] and meta["crop_ratio"] == 0.875 and meta["resize_shorter_side"] == 36
+    assert meta["prune_spec"] == model.prune_spec and meta["verification"]["batch_sizes"] == [8, 1]
+
+    x = images(3, seed=5)
+    torch.save(x, tmp_path / "x.pt")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    res = subprocess.run([sys.executable, "-I", "-c", LOAD_PT2, str(out / "m.pt2"), "x.pt", "logits.pt"],
+                         cwd=tmp_path, env=dict(env, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout.strip().splitlines()[-1]) == {"loaded": [], "repo_on_path": False}
+    got = torch.load(tmp_path / "logits.pt", weights_only=True)
+    loaded, _, _ = models.load(str(model_file))
+    with torch.no_grad():
+        ref = loaded(x)
+    for batch in (3, 1):
+        assert got[batch].shape == (batch, 10)
+        torch.testing.assert_close(got[batch], ref[:batch], atol=1e-4, rtol=0)
+
+    with torch.no_grad():
+        loaded.head.bias.add_(0.01)                 # verification fails when the file is not this model
+    with pytest.raises(export.ExportError, match=r"the loaded torch.export program and the model differ by 0\.01"):
+        export.verify_pt2(out / "m.pt2", loaded, x)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -245,8 +305,8 @@ def test_compiled_compressed_model_equals_eager():
                              compile=True)["images_per_s"] > 0
 
 
-def test_readme_preprocess_equals_the_evaluation_transform():
-    """The README's stand-alone preprocessing (from the metadata JSON alone) gives this project's
+def test_documented_preprocess_equals_the_evaluation_transform():
+    """docs/deploy.md's stand-alone preprocessing (from the metadata JSON alone) gives this project's
     evaluation input: resize the shorter side, center-crop, normalise."""
     import re
     import types
@@ -254,7 +314,7 @@ def test_readme_preprocess_equals_the_evaluation_transform():
     from PIL import Image
 
     import datasets
-    with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")) as f:
+    with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "deploy.md")) as f:
         code = re.search(r"```python\n(def preprocess\(img, meta\):.*?)```", f.read(), re.S).group(1)
     scope = {"np": np, "Image": Image}
     exec(code, scope)

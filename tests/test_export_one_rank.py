@@ -2,7 +2,7 @@
 ranks wait for it, so no two processes write the same temporary .partial file.
 
 Each rank runs main.cli with torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR/PORT) and a
-stand-in for models.export_onnx that records which rank called it."""
+stand-in for export.export_onnx that records which rank called it."""
 import os
 import sys
 
@@ -17,14 +17,14 @@ pytestmark = pytest.mark.slow  # two interpreters and a gloo group
 def _rank(rank, world, port, out_dir):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
+    import export
     import main
-    import models
 
     def record(model, path, arch, **kwargs):
         with open(os.path.join(out_dir, f"export_calls_rank{rank}"), "w") as f:
             f.write(path)
-        return {"onnx_path": path, "json_path": models.onnx_json_path(path), "verification": {"max_abs_diff": 0.0}}
-    models.export_onnx = record
+        return {"onnx_path": path, "json_path": export.metadata_path(path), "verification": {"max_abs_diff": 0.0}}
+    export.export_onnx = record
     code = main.cli(["--export", os.path.join(out_dir, "m.onnx"), "--resume", os.path.join(out_dir, "dense.pth"),
                      "--device", "cpu", "--num_workers", "0"])
     torch.save({"code": code}, os.path.join(out_dir, f"rank{rank}.pt"))

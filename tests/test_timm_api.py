@@ -1,6 +1,8 @@
 """timm's public VisionTransformer methods on a token-reduced compressed model: each either keeps
 its contract exactly (checked against the model's blocks run one by one) or refuses in one line
-that says why. The methods are listed explicitly; a public method timm adds fails the list test."""
+that says why. The methods are listed explicitly; a public method timm adds fails the list test.
+Every test runs on a class-token DeiT-style model and on a SigLIP-style one (no class token, an
+attention-pool head, tokens reduced by the attention they receive)."""
 import copy
 
 import pytest
@@ -44,10 +46,17 @@ def test_every_public_method_is_listed():
     assert not missing, f"timm's VisionTransformer gained public methods this file does not check: {missing}"
 
 
-@pytest.fixture(scope="module")
-def compressed():
+# 12 blocks of width 48 on 64 patches each: a preset with a class token; SigLIP's by name, tiny
+FAMILIES = {"class-token": ("vit_nano_patch4_32", {}),
+            "siglip-map": ("vit_base_patch16_siglip_224", dict(img_size=32, patch_size=4, embed_dim=48, depth=12,
+                                                               num_heads=4))}
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def compressed(request):
     torch.manual_seed(0)
-    dense = models.build_model("vit_nano_patch4_32").eval()
+    name, kwargs = FAMILIES[request.param]
+    dense = models.build_model(name, **kwargs).eval()
     dims = pruning.model_dims(dense)
     rankings = {"heads": [list(range(h)) for h in dims["num_heads"]],
                 "neurons": [list(range(m)) for m in dims["mlp_hidden"]]}
@@ -64,6 +73,13 @@ def model(compressed):
 X = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
 
 
+def pooled_by_hand(model, feats):
+    """What timm's pool gives: the class token, or the attention pool over the non-prefix tokens."""
+    if model.attn_pool is not None:
+        return model.attn_pool(feats[:, model.num_prefix_tokens:])
+    return feats[:, 0]
+
+
 def one_line(info, *words):
     text = str(info.value)
     assert len(text.splitlines()) == 1, text
@@ -74,7 +90,7 @@ def one_line(info, *words):
 @torch.no_grad()
 def test_forward_features_is_the_blocks_one_by_one(model):
     ref = block_outputs(model, X)
-    assert ref[-1].shape[1] < 1 + 64  # tokens were reduced
+    assert ref[-1].shape[1] < model.num_prefix_tokens + 64  # tokens were reduced
     torch.testing.assert_close(model.forward_features(X), model.norm(ref[-1]))
     with pytest.raises(RuntimeError) as info:
         model.forward_features(X, is_causal=True)
@@ -84,13 +100,14 @@ def test_forward_features_is_the_blocks_one_by_one(model):
 @torch.no_grad()
 def test_forward_is_head_of_features(model):
     feats = model.norm(block_outputs(model, X)[-1])
-    assert model.global_pool == "token"
-    pooled = model.fc_norm(feats[:, 0])
-    torch.testing.assert_close(model.pool(feats), feats[:, 0])
+    assert model.global_pool == ("token" if model.cls_token is not None else "map")
+    pooled = model.fc_norm(pooled_by_hand(model, feats))
+    torch.testing.assert_close(model.pool(feats), pooled_by_hand(model, feats))
     torch.testing.assert_close(model.forward_head(feats, pre_logits=True), pooled)
     torch.testing.assert_close(model.forward_head(feats), model.head(pooled))
     torch.testing.assert_close(model(X), model.forward_head(model.forward_features(X)))
-    torch.testing.assert_close(model.pool(feats, "avg"), feats[:, model.num_prefix_tokens:].mean(1))
+    if model.attn_pool is None:  # timm's attention pool takes no pool_type
+        torch.testing.assert_close(model.pool(feats, "avg"), feats[:, model.num_prefix_tokens:].mean(1))
 
 
 @torch.no_grad()
@@ -110,11 +127,15 @@ def test_forward_intermediates_options(model):
     torch.testing.assert_close(early, [ref[3][:, p:]])
     pairs = model.forward_intermediates(X, indices=[5], output_fmt="NLC", intermediates_only=True,
                                         return_prefix_tokens=True)
-    torch.testing.assert_close(pairs[0][0], ref[5][:, p:])
-    torch.testing.assert_close(pairs[0][1], ref[5][:, :p])
     d = model.forward_intermediates(X, indices=[1], output_fmt="NLC", output_dict=True, return_prefix_tokens=True)
     torch.testing.assert_close(d["image_intermediates"], [ref[1][:, p:]])
-    torch.testing.assert_close(d["image_intermediates_prefix"], [ref[1][:, :p]])
+    if p:
+        torch.testing.assert_close(pairs[0][0], ref[5][:, p:])
+        torch.testing.assert_close(pairs[0][1], ref[5][:, :p])
+        torch.testing.assert_close(d["image_intermediates_prefix"], [ref[1][:, :p]])
+    else:  # timm: without prefix tokens there is nothing to pair, the tokens come alone
+        torch.testing.assert_close(pairs, [ref[5]])
+        assert "image_intermediates_prefix" not in d
     torch.testing.assert_close(d["image_features"], model.norm(ref[-1]))
     for call in (lambda: model.forward_intermediates(X), lambda: model.forward_intermediates(X, output_fmt="NCHW")):
         with pytest.raises(pruning.SpecError) as info:
@@ -127,9 +148,9 @@ def test_forward_intermediates_options(model):
 
 @torch.no_grad()
 def test_get_intermediate_layers(model):
-    ref = block_outputs(model, X)
+    ref, p = block_outputs(model, X), model.num_prefix_tokens
     got = model.get_intermediate_layers(X, n=[4, 11])
-    torch.testing.assert_close(got, [ref[4][:, 1:], ref[11][:, 1:]])
+    torch.testing.assert_close(got, [ref[4][:, p:], ref[11][:, p:]])
     with pytest.raises(pruning.SpecError) as info:
         model.get_intermediate_layers(X, reshape=True)
     one_line(info, "output_fmt='NLC'")
@@ -141,16 +162,17 @@ def test_classifier_methods(model):
     model.reset_classifier(7)
     assert model.get_classifier().out_features == 7 and model.num_classes == 7
     with torch.no_grad():
-        torch.testing.assert_close(model(X), model.head(model.fc_norm(feats[:, 0])))
+        torch.testing.assert_close(model(X), model.head(model.fc_norm(pooled_by_hand(model, feats))))
     model.reset_classifier(0)
     with torch.no_grad():
-        torch.testing.assert_close(model(X), model.fc_norm(feats[:, 0]))
+        torch.testing.assert_close(model(X), model.fc_norm(pooled_by_hand(model, feats)))
 
 
 def test_param_group_methods(model):
     names = dict(model.named_parameters())
     nwd = model.no_weight_decay()
-    assert {"pos_embed", "cls_token"} <= nwd and all(n in names for n in nwd & {"pos_embed", "cls_token"})
+    assert {"pos_embed", "cls_token"} <= nwd and "pos_embed" in names
+    assert ("cls_token" in names) == (model.cls_token is not None)
     m = model.group_matcher()
     assert set(m) == {"stem", "blocks"}
     from timm.models import group_parameters
@@ -178,11 +200,11 @@ def test_grad_checkpointing_keeps_outputs(model):
 
 @torch.no_grad()
 def test_prune_intermediate_layers(model):
-    ref = block_outputs(model, X)
+    ref, p = block_outputs(model, X), model.num_prefix_tokens
     kept = model.prune_intermediate_layers([2, 5])
     assert kept == [2, 5] and len(model.blocks) == 6
     got = model.forward_intermediates(X, indices=[2, 5], output_fmt="NLC", intermediates_only=True)
-    torch.testing.assert_close(got, [ref[2][:, 1:], ref[5][:, 1:]])
+    torch.testing.assert_close(got, [ref[2][:, p:], ref[5][:, p:]])
     with pytest.raises(pruning.SpecError) as info:  # the guard stays on the truncated model
         model.forward_intermediates(X, indices=[5])
     one_line(info, "output_fmt='NLC'")
@@ -193,7 +215,7 @@ def test_set_input_size(model):
     with pytest.raises(pruning.SpecError) as info:
         model.set_input_size(img_size=(64, 64))
     one_line(info, "patch count", "64 to 256")
-    assert model.patch_embed.num_patches == 64 and model.pos_embed.shape[1] == 65
+    assert model.patch_embed.num_patches == 64 and model.pos_embed.shape[1] == 64 + model.num_prefix_tokens
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     model.set_input_size(img_size=(32, 32))  # the same patch count: timm's method, unchanged
     with torch.no_grad():

@@ -1,5 +1,5 @@
 """A new user's mistakes, each answered in one line before any work (findings of a first-use trial):
-files that are not checkpoints, an export target its own metadata would overwrite, a model whose
+files that are not checkpoints, an export target of no known format or over the model file, a model whose
 head the tool cannot count, a --round-to that would keep every neuron."""
 import os
 import pickle
@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+import export
 import flops
 import models
 import utils
@@ -68,32 +69,38 @@ def pico_file(tmp_path_factory):
     return path
 
 
-def test_export_target_that_its_metadata_would_overwrite_is_refused_first(tmp_path, pico_file, monkeypatch):
+def test_export_target_of_no_format_or_over_the_model_file_is_refused_first(tmp_path, pico_file, monkeypatch):
     def no_work(*a, **k):
         raise AssertionError("the export started before its target was checked")
-    monkeypatch.setattr(models, "export_onnx", no_work)
-    code, _, err = run_cli(["--export", tmp_path / "model.json", "--resume", pico_file])
-    one_line_error(code, err, "model.json", "metadata", "model.onnx")
+    monkeypatch.setattr(export, "export_onnx", no_work)
+    monkeypatch.setattr(export, "export_pt2", no_work)
+    code, _, err = run_cli(["--export", tmp_path / "model.json", "--resume", pico_file])  # its own metadata's name
+    one_line_error(code, err, "model.json", ".onnx", ".pt2")
     assert not os.path.exists(tmp_path / "model.json")
-    # the model file itself is not an export target either
-    code, _, err = run_cli(["--export", pico_file, "--resume", pico_file])
+    # the model file itself is not an export target either, whatever it is called
+    model_file = tmp_path / "dense.pt2"
+    model_file.write_bytes(pico_file.read_bytes())
+    code, _, err = run_cli(["--export", model_file, "--resume", model_file])
     one_line_error(code, err, "would overwrite")
-    assert utils.load_checkpoint_file(str(pico_file))["arch"]["model"] == "vit_pico_patch8_32"
+    assert utils.load_checkpoint_file(str(model_file))["arch"]["model"] == "vit_pico_patch8_32"
 
 
-def test_export_onnx_refuses_a_colliding_target_before_exporting(tmp_path):
+def test_each_exporter_refuses_another_suffix_before_exporting(tmp_path):
     model = models.build_model("vit_pico_patch8_32", num_classes=10).eval()
     arch = models.model_arch("vit_pico_patch8_32", model, 32, (0.5,) * 3, (0.5,) * 3)
-    with pytest.raises(models.ExportError, match="same file"):
-        models.export_onnx(model, str(tmp_path / "m.json"), arch)
+    with pytest.raises(export.ExportError, match=r"m\.json: the suffix names the format, \.onnx .* or \.pt2"):
+        export.export_onnx(model, str(tmp_path / "m.json"), arch)
+    with pytest.raises(export.ExportError, match="export_pt2 writes .pt2 files"):
+        export.export_pt2(model, str(tmp_path / "m.onnx"), arch)
     assert os.listdir(tmp_path) == []
-    models.check_export_target(str(tmp_path / "m.onnx"))  # the usual name passes
+    for name in ("m.onnx", "m.pt2"):  # the usual names pass
+        export.check_export_target(str(tmp_path / name))
 
 
-def test_attention_pool_model_is_refused_in_one_line_before_pruning(tmp_path, monkeypatch):
-    model = models.build_model("vit_pico_patch8_32", num_classes=10, global_pool="map")
+def test_unsupported_attention_pool_is_refused_in_one_line_before_pruning(tmp_path, monkeypatch):
+    model = models.build_model("vit_pico_patch8_32", num_classes=10, global_pool="prr")  # 'map' is supported
     assert model.attn_pool is not None
-    arch = models.model_arch("vit_pico_patch8_32", model, 32, (0.5,) * 3, (0.5,) * 3, {"global_pool": "map"})
+    arch = models.model_arch("vit_pico_patch8_32", model, 32, (0.5,) * 3, (0.5,) * 3, {"global_pool": "prr"})
     path = tmp_path / "map.pth"
     models.save_model_file(str(path), model, arch)
     import dependency_criterion
@@ -104,8 +111,8 @@ def test_attention_pool_model_is_refused_in_one_line_before_pruning(tmp_path, mo
     code, _, err = run_cli(FAST + ["--prune_finetune", "--resume", path, "--head_sparsity", "0.25",
                                    "--neuron_sparsity", "0.25", "--finetune-epochs", "0", "--output_dir",
                                    tmp_path / "out"])
-    one_line_error(code, err, "attention-pool", "global_pool='map'")
-    with pytest.raises(ValueError, match="attention-pool"):
+    one_line_error(code, err, "AttentionPoolPrr", "global_pool='prr'")
+    with pytest.raises(ValueError, match="AttentionPoolPrr"):
         flops.model_macs(model)  # a SpecError: a ValueError that main.cli prints as one line
 
 
