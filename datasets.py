@@ -28,7 +28,7 @@ from torch.utils.data import Dataset, Sampler
 from torchvision import transforms
 from torchvision.datasets import CIFAR10, CIFAR100, ImageFolder
 
-from utils import UserError, clean_message, get_rank, get_world_size
+from utils import UserError, clean_message, get_rank, get_world_size, settings_from
 
 logger = logging.getLogger("vitcompress")
 
@@ -66,31 +66,8 @@ class DataConfig:
     seed: int = 0
     dist_eval: bool = False
 
-    @classmethod
-    def take(cls, obj, **overrides):
-        """The fields of ``obj`` (any object with these attributes) that this class names."""
-        values = {f.name: getattr(obj, f.name) for f in dataclasses.fields(cls) if hasattr(obj, f.name)}
-        values.update(overrides)
-        return cls(**values)
+    take = classmethod(settings_from)  # DataConfig.take(cfg, **overrides)
 
-
-# main.py's defaults that depend on the data set: a flag left at None takes its data set's value.
-# IMAGE is DeiT's ImageNet recipe; DIGITS is a short from-scratch recipe for 2 CPU cores.
-RECIPES = {
-    "IMAGE": dict(model="deit_base_patch16_224", input_size=224, epochs=300, batch_size=64, lr=5e-4,
-                  warmup_epochs=5, cooldown_epochs=10, min_lr=1e-5, weight_decay=0.05, drop_path=0.1,
-                  aa="rand-m9-mstd0.5-inc1", smoothing=0.1, reprob=0.25, mixup=0.8, cutmix=1.0,
-                  repeated_aug=True, model_ema=True, num_workers=10, finetune_epochs=30, finetune_lr=5e-5,
-                  search_epoch=100, search_population=100, criterion_batches=4, search_pool=10000, throughput_batch=64),
-    "DIGITS": dict(model="vit_nano_patch4_32", input_size=32, epochs=30, batch_size=64, lr=1e-2,
-                   warmup_epochs=2, cooldown_epochs=0, min_lr=1e-5, weight_decay=0.05, drop_path=0.0,
-                   aa="none", smoothing=0.1, reprob=0.0, mixup=0.0, cutmix=0.0,
-                   repeated_aug=False, model_ema=False, num_workers=0, finetune_epochs=15, finetune_lr=2e-3,
-                   search_epoch=30, search_population=20, criterion_batches=4, search_pool=1000, throughput_batch=256),
-}
-# CLUTTERED_DIGITS: one digit among clutter on a 64 px canvas (mostly background tokens); ~10 min on 2 cores
-RECIPES["CLUTTERED_DIGITS"] = dict(RECIPES["DIGITS"], model="vit_nano_d6_patch8_64", input_size=64, warmup_epochs=1,
-                                   finetune_epochs=6)
 
 # --------------------------------------------------------------------------- digits
 

@@ -1,5 +1,6 @@
-"""Dependency criterion: HSIC scores for every attention head and MLP neuron of a timm ViT
-(and the baselines it is compared with: weight magnitude, random, first-order Taylor).
+"""Ranking every attention head and MLP neuron of a timm ViT: the paper's dependency criterion
+(HSIC) and the criteria it is compared with (first-order Taylor, this tool's default; weight
+magnitude; random). ``rank_model`` is the entry point.
 
 Pure tensors in, scores out. The estimator is the biased empirical HSIC
 
@@ -14,6 +15,9 @@ Features (one vector per image, per component):
   * head h: the head's output over the N tokens, averaged over the head dimension (the input of
     ``attn.proj`` is the concatenation of per-head outputs, [B, N, H * head_dim]);
   * neuron j: its activation over the N tokens (the input of ``mlp.fc2``, [B, N, hidden]).
+The same two tensors exist in EVA-02 blocks (EvaAttention / AttentionRope, whose proj reads the
+heads' outputs after the rope'd attention; SwiGLU / GluMlp, whose fc2 reads SiLU(gate) * x), so
+every criterion ranks their heads and neurons the same way.
 Features get a Gaussian kernel, the prediction (softmax of the model output) a linear kernel.
 
 Two kernels (``kernel=``):
@@ -51,8 +55,11 @@ the ranks' batches.
 import numpy as np
 import torch
 import torch.distributed as dist
-from timm.layers import Mlp
+from timm.layers import AttentionRope, GluMlp, Mlp, SwiGLU
+from timm.models.eva import EvaAttention
 from timm.models.vision_transformer import Attention
+
+from models import class_logits
 
 __all__ = [
     "MULTI_SIGMAS",
@@ -219,12 +226,38 @@ def _find(block, cls):
     return None
 
 
+_ATTENTIONS = (Attention, EvaAttention, AttentionRope)   # timm ViT, EVA-02 (dense, and sliced: pruning.py)
+_MLPS = (Mlp, GluMlp, SwiGLU)
+
+
 def _block_parts(model):
-    """[(Attention or None, Mlp or None)] per entry of model.blocks, found by isinstance."""
+    """[(attention or None, MLP or None)] per entry of model.blocks, found by isinstance."""
     blocks = getattr(model, "blocks", None)
     if blocks is None:
         raise ValueError("expected a timm VisionTransformer with a .blocks container")
-    return [(_find(b, Attention), _find(b, Mlp)) for b in blocks]
+    return [(_find(b, _ATTENTIONS), _find(b, _MLPS)) for b in blocks]
+
+
+def _neurons(mlp):
+    """Hidden neurons of an MLP (or 0 for None): its fc2's input width (a GluMlp's fc1 has two rows each)."""
+    return 0 if mlp is None else int(mlp.fc2.in_features)
+
+
+def _head_in_weight(attn):
+    """The q, k and v rows of an attention's input projections, [3 * H * hd, C] (fused or not)."""
+    if getattr(attn, "qkv", None) is not None:
+        return attn.qkv.weight
+    return torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
+
+
+def _neuron_in_weight(mlp):
+    """Every input weight of each hidden neuron, [M, C] (Mlp) or [M, 2C] (SwiGLU's fc1_g and fc1_x,
+    GluMlp's two halves of fc1)."""
+    if isinstance(mlp, SwiGLU):
+        return torch.cat([mlp.fc1_g.weight, mlp.fc1_x.weight], dim=1)
+    if isinstance(mlp, GluMlp):
+        return torch.cat(mlp.fc1.weight.chunk(2, dim=0), dim=1)
+    return mlp.fc1.weight
 
 
 def _model_device(model):
@@ -247,7 +280,7 @@ def _minmax(v):
     return (v - lo) / span
 
 
-def _head_features(x, num_heads):
+def head_features(x, num_heads):
     """input of attn.proj [B, N, H*hd] -> per-head features [H, B, N] (mean over head dim)."""
     B, N, _ = x.shape
     return x.reshape(B, N, num_heads, -1).mean(dim=-1).permute(2, 0, 1)
@@ -277,14 +310,14 @@ def _magnitude_scores(parts):
             heads.append(torch.zeros(0, dtype=torch.float64))
         else:
             H, hd = attn.num_heads, attn.head_dim
-            qkv = attn.qkv.weight.detach().abs().double()  # [3*H*hd, C]
+            qkv = _head_in_weight(attn).detach().abs().double()  # [3*H*hd, C]
             proj = attn.proj.weight.detach().abs().double()  # [C, H*hd]
             s = qkv.reshape(3, H, hd, -1).sum(dim=(0, 2, 3)) + proj.reshape(-1, H, hd).sum(dim=(0, 2))
             heads.append(s.cpu())
         if mlp is None:
             neurons.append(torch.zeros(0, dtype=torch.float64))
         else:
-            w1 = mlp.fc1.weight.detach().double()  # [hidden, C]
+            w1 = _neuron_in_weight(mlp).detach().double()  # [hidden, C] (gated: [hidden, 2C])
             w2 = mlp.fc2.weight.detach().double()  # [C, hidden]
             neurons.append((w1.norm(dim=1) * w2.norm(dim=0)).cpu())
     return {"heads": heads, "neurons": neurons}
@@ -295,7 +328,7 @@ def _random_scores(parts, seed):
     heads, neurons = [], []
     for attn, mlp in parts:
         heads.append(torch.rand(attn.num_heads if attn is not None else 0, generator=g, dtype=torch.float64))
-        hidden = mlp.fc1.out_features if mlp is not None else 0
+        hidden = _neurons(mlp)
         neurons.append(torch.rand(hidden, generator=g, dtype=torch.float64))
     return {"heads": heads, "neurons": neurons}
 
@@ -309,7 +342,7 @@ def _lower_median(U):
     return U.median(dim=1).values
 
 
-def _neuron_kernels(acts, bandwidth, neuron_chunk, kernel=DEFAULT_KERNEL):
+def neuron_kernels(acts, bandwidth, neuron_chunk, kernel=DEFAULT_KERNEL):
     """Upper triangles of the Gaussian kernels of every neuron of one block.
 
     acts [B, N, M] (the input of fc2) -> (Ku [M, B(B-1)/2] in the work dtype, the strict upper
@@ -374,7 +407,7 @@ class _Capture:
             x = inputs[0]
             if x.shape[0] < 2:
                 return
-            Kh = gaussian_kernel(_head_features(x, attn.num_heads), self.bandwidth, self.kernel)
+            Kh = gaussian_kernel(head_features(x, attn.num_heads), self.bandwidth, self.kernel)
             self.heads[i] = (Kh, hsic_pairwise(Kh, self.kernel), _head_contribution(x, module.weight, attn.num_heads),
                              x.shape[0] * x.shape[1])
         return hook
@@ -384,7 +417,7 @@ class _Capture:
             a = inputs[0]
             if a.shape[0] < 2:
                 return
-            Ku, mag = _neuron_kernels(a, self.bandwidth, self.neuron_chunk, self.kernel)
+            Ku, mag = neuron_kernels(a, self.bandwidth, self.neuron_chunk, self.kernel)
             self.neurons[i] = (Ku, mag, a.shape[0] * a.shape[1])
         return hook
 
@@ -400,8 +433,7 @@ class _Capture:
 
 
 def _prediction(out):
-    if isinstance(out, (tuple, list)):  # (cls, dist) logits of a distilled model: average them
-        out = sum(out) / len(out)
+    out = class_logits(out)
     return out.to(_work_dtype(out)).softmax(dim=-1)
 
 
@@ -414,7 +446,7 @@ def _head_stats(Kh, R, Lc, kernel=DEFAULT_KERNEL):
     return rel.double(), red.double(), R.diagonal().double()
 
 
-def _block_stats(head_feats, acts, Lc, bandwidth, neuron_chunk, kernel=DEFAULT_KERNEL):
+def block_stats(head_feats, acts, Lc, bandwidth, neuron_chunk, kernel=DEFAULT_KERNEL):
     """Per-batch HSIC statistics of one block from its captured internals (what the hooks and the
     post-forward step of compute_scores do, in one call; used by the benchmark).
 
@@ -427,7 +459,7 @@ def _block_stats(head_feats, acts, Lc, bandwidth, neuron_chunk, kernel=DEFAULT_K
         Kh = gaussian_kernel(head_feats, bandwidth, kernel)
         rel_h, red_h, _ = _head_stats(Kh, hsic_pairwise(Kh, kernel), Lc, kernel)
     if acts is not None:
-        Ku, abs_n = _neuron_kernels(acts, bandwidth, neuron_chunk, kernel)
+        Ku, abs_n = neuron_kernels(acts, bandwidth, neuron_chunk, kernel)
         rel_n = _relevance(Ku, Lc, _hsic_norm(n, kernel))
     return rel_h, red_h, rel_n, abs_n
 
@@ -440,7 +472,7 @@ def _hsic_statistics(model, parts, loader, num_batches, bandwidth, neuron_chunk,
     nb = len(parts)
     f64 = dict(dtype=torch.float64, device=device)
     n_heads = [a.num_heads if a is not None else 0 for a, _ in parts]
-    n_neurons = [m.fc1.out_features if m is not None else 0 for _, m in parts]
+    n_neurons = [_neurons(m) for _, m in parts]
     acc = {k: [torch.zeros(h, **f64) for h in n_heads] for k in _STAT_KEYS[:3]}
     acc.update({k: [torch.zeros(m, **f64) for m in n_neurons] for k in _STAT_KEYS[3:]})
     abs_count = torch.zeros(nb, **f64)
@@ -654,8 +686,7 @@ def _taylor_loss(out, targets):
     """Cross entropy SUMMED over the batch, so each image's activations get the gradient of that
     image's own loss. Against the labels when the loader gives them (class indices, or soft
     [B, classes] targets); otherwise against the model's own top-1 prediction."""
-    if isinstance(out, (tuple, list)):  # (cls, dist) logits of a distilled model: average them
-        out = sum(out) / len(out)
+    out = class_logits(out)
     if targets is None:
         targets = out.detach().argmax(dim=-1)
     targets = targets.to(out.device)
@@ -684,7 +715,7 @@ def _taylor_sums(model, parts, loader, num_batches, device):
     nb = len(parts)
     f64 = dict(dtype=torch.float64, device=device)
     n_heads = [a.num_heads if a is not None else 0 for a, _ in parts]
-    n_neurons = [m.fc1.out_features if m is not None else 0 for _, m in parts]
+    n_neurons = [_neurons(m) for _, m in parts]
     heads = [torch.zeros(h, **f64) for h in n_heads]
     neurons = [torch.zeros(m, **f64) for m in n_neurons]
     images_seen = torch.zeros(1, **f64)

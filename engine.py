@@ -1,4 +1,12 @@
-"""One training epoch, evaluation and throughput: device-agnostic (CPU, CUDA, AMP on CUDA)."""
+"""Training, evaluation and speed, and the method's two run steps built on them; device-agnostic
+(CPU, CUDA, mixed precision on CUDA).
+
+- training: train_one_epoch, fit (an explicit Recipe, checkpoints, resume), DistillationLoss;
+- evaluation: prediction_sums (the one evaluation loop), evaluate, and the search objectives
+  (reference_outputs, objective_stats, objective_value, policy_scorer);
+- speed: throughput, interleaved_throughput, compare_models (the dense-vs-compressed table);
+- the steps: SearchSettings, search_policy and prune_finetune, resumable in a run folder.
+"""
 import contextlib
 import copy
 import dataclasses
@@ -24,8 +32,8 @@ import flops
 import latency
 import plots
 import pruning
-from models import load, load_state_strict, save_model_file, set_drop_path
-from utils import (Progress, UserError, all_reduce_sum, append_jsonl, broadcast_object, check_run_identity,
+from models import class_logits, load, load_state_strict, save_model_file, set_drop_path
+from utils import (Progress, UserError, all_reduce_sum, append_jsonl, broadcast_object, check_run_identity, settings_from,
                    clean_message, decide_on_rank0, format_seconds, load_checkpoint_file, markdown_table, read_jsonl,
                    save_atomic, write_json_atomic, write_jsonl)
 
@@ -92,9 +100,7 @@ class DistillationLoss(torch.nn.Module):
         if self.kind == "none":
             return base
         with torch.no_grad():
-            t = self.teacher(inputs)
-            if isinstance(t, (tuple, list)):
-                t = (t[0] + t[1]) / 2
+            t = class_logits(self.teacher(inputs))
         if self.kind == "soft":
             T = self.tau
             kd = F.kl_div(F.log_softmax(dist_out / T, dim=1), F.log_softmax(t / T, dim=1),
@@ -149,44 +155,67 @@ def train_one_epoch(model, criterion, loader, optimizer, device, epoch, scaler=N
 
 
 @torch.no_grad()
+def prediction_sums(model, loader, device, amp=False, reference=None, progress=None):
+    """THE evaluation loop (``evaluate`` and the search's ``objective_stats`` both run it): in eval
+    mode, over this rank's batches, a float64 tensor [loss * n, top-1 hits, top-5 hits, KL * n, n]
+    (a distilled model scored by its heads' average, class_logits). KL(dense || model) needs
+    ``reference`` (reference_outputs on the same fixed loader; a loader giving other batches is a
+    ValueError); without it that entry stays 0. Batches whose images were all unreadable are
+    skipped. Summing over ranks is the caller's: whether it should depends on the loader."""
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(5, dtype=torch.float64)
+    batches = 0
+    for step, (images, targets) in enumerate(loader):
+        if targets.numel() == 0:  # every image of the batch was unreadable (skipped)
+            continue
+        with autocast(device, amp):
+            out = model(images.to(device, non_blocking=True))
+        logits = class_logits(out).float()
+        targets = targets.to(logits.device)
+        log_q = F.log_softmax(logits, dim=1)
+        hit = logits.topk(min(5, logits.shape[1]), dim=1).indices.eq(targets.view(-1, 1))
+        sums[0] += F.nll_loss(log_q, targets, reduction="sum").double().item()
+        sums[1] += hit[:, :1].sum().item()
+        sums[2] += hit.sum().item()
+        if reference is not None:
+            if (batches >= len(reference) or not torch.equal(reference[batches][1], targets.cpu())
+                    or not torch.equal(reference[batches][2], _fingerprint(images))):
+                raise ValueError("the hold-out loader gave other batches than reference_outputs saw; "
+                                 "use one fixed, unshuffled loader for both")
+            log_p = reference[batches][0].to(log_q.device)
+            sums[3] += F.kl_div(log_q, log_p, reduction="sum", log_target=True).double().item()
+        sums[4] += targets.numel()
+        batches += 1
+        if progress:
+            progress.update(step)
+    if reference is not None and batches != len(reference):
+        raise ValueError(f"the hold-out loader gave {batches} batches, reference_outputs saw {len(reference)}")
+    model.train(was_training)
+    return sums
+
+
+def _summed_over_ranks(sums, device):
+    sums = sums.to(device) if device.type == "cuda" else sums
+    all_reduce_sum(sums)
+    return sums.cpu()
+
+
 def evaluate(loader, model, device, amp=False, log_every=0, header="Test"):
     """Top-1, top-5 and mean loss over the loader. A loader sharded over ranks (its sampler has
     num_replicas > 1) has its counts summed over them, so a sharded evaluation (every image once)
     equals a single-process one exactly; an unsharded one (every rank sees every image) is not
     summed. No image at all is an error, not 0%."""
-    was_training = model.training
-    model.eval()
-    sums = torch.zeros(4, dtype=torch.float64)  # loss*n, correct1, correct5, n
     progress = Progress(len(loader), header, every=log_every) if log_every else None
-    for step, (images, targets) in enumerate(loader):
-        if targets.numel() == 0:  # every image of the batch was unreadable (skipped)
-            continue
-        images = images.to(device, non_blocking=True)
-        targets = targets.to(device, non_blocking=True)
-        with autocast(device, amp):
-            out = model(images)
-        if isinstance(out, (tuple, list)):
-            out = (out[0] + out[1]) / 2
-        out = out.float()
-        loss = F.cross_entropy(out, targets, reduction="sum")
-        k = min(5, out.shape[1])
-        top = out.topk(k, dim=1).indices
-        hit = top.eq(targets.view(-1, 1))
-        sums += torch.tensor([loss.item(), hit[:, :1].sum().item(), hit.sum().item(), targets.numel()],
-                             dtype=torch.float64)
-        if progress:
-            progress.update(step)
+    sums = prediction_sums(model, loader, device, amp, progress=progress)
     if getattr(getattr(loader, "sampler", None), "num_replicas", 1) > 1:
-        sums = sums.to(device) if device.type == "cuda" else sums
-        all_reduce_sum(sums)
-        sums = sums.cpu()
-    if sums[3].item() == 0:
+        sums = _summed_over_ranks(sums, device)
+    n = sums[4].item()
+    if n == 0:
         raise UserError(f"no image was evaluated: all {len(loader.dataset)} validation images were unreadable "
                         f"(see the warnings above)")
-    n = sums[3].item()
-    model.train(was_training)
     return {"acc1": 100.0 * sums[1].item() / n, "acc5": 100.0 * sums[2].item() / n,
-            "loss": sums[0].item() / n, "n": int(sums[3].item())}
+            "loss": sums[0].item() / n, "n": int(n)}
 
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")  # torch.compile's modes that --compile takes
@@ -372,6 +401,7 @@ class Recipe:
     min_lr: float = 1e-5
     warmup_lr: float = 1e-6
     warmup_epochs: int = 0
+    cooldown_epochs: int = 0  # epochs at min_lr after the schedule's ``epochs`` (timm's train.py), added to them
     decay_epochs: float = 30
     decay_rate: float = 0.1
     clip_grad: Optional[float] = None
@@ -400,15 +430,10 @@ class Recipe:
     def as_dict(self):
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
 
-    @classmethod
-    def take(cls, obj, **overrides):
-        """A Recipe from the attributes of ``obj`` that this class names (lists become tuples)."""
-        values = {f.name: getattr(obj, f.name) for f in dataclasses.fields(cls) if hasattr(obj, f.name)}
-        values.update(overrides)
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+    take = classmethod(settings_from)  # Recipe.take(cfg, **overrides)
 
 
-def _training_parts(model, recipe, steps_per_epoch, num_classes, teacher, amp):
+def training_parts(model, recipe, steps_per_epoch, num_classes, teacher, amp):
     opt_kwargs = dict(eps=recipe.opt_eps, momentum=recipe.momentum)
     if recipe.opt_betas:
         opt_kwargs["betas"] = tuple(recipe.opt_betas)
@@ -417,7 +442,7 @@ def _training_parts(model, recipe, steps_per_epoch, num_classes, teacher, amp):
     scheduler, _ = create_scheduler_v2(
         optimizer, sched=recipe.sched, num_epochs=max(recipe.epochs, 1), decay_epochs=recipe.decay_epochs,
         decay_rate=recipe.decay_rate, min_lr=recipe.min_lr, warmup_lr=recipe.warmup_lr,
-        warmup_epochs=min(recipe.warmup_epochs, max(recipe.epochs - 1, 0)), cooldown_epochs=0,
+        warmup_epochs=min(recipe.warmup_epochs, max(recipe.epochs - 1, 0)), cooldown_epochs=recipe.cooldown_epochs,
         step_on_epochs=False, updates_per_epoch=steps_per_epoch)
     mixup_fn = None
     if recipe.uses_mixup:
@@ -435,9 +460,10 @@ def _training_parts(model, recipe, steps_per_epoch, num_classes, teacher, amp):
     return optimizer, scheduler, mixup_fn, criterion, scaler
 
 
-def fit(model, train_loader, val_loader, recipe, device, num_classes, run_dir=None, arch=None, teacher=None,
-        resume=None, distributed=False, amp=False, rank=0, tag="train", extra=None):
-    """Train ``model`` by ``recipe``, evaluating after every epoch; returns the final val stats.
+def fit(model, train_loader, val_loader, *, recipe, num_classes, arch=None, teacher=None, resume=None, extra=None,
+        tag="train", run_dir=None, device, amp=False, distributed=False, rank=0):
+    """Train ``model`` by ``recipe`` for its epochs plus its cool-down epochs (at the minimum
+    learning rate), evaluating after every epoch; returns the final val stats.
 
     With ``run_dir``, every epoch atomically writes ``checkpoint.pth`` (arch, weights, optimizer,
     scheduler, scaler, EMA, epoch, best, ``extra`` primitives), ``best.pth`` and one line of
@@ -450,7 +476,7 @@ def fit(model, train_loader, val_loader, recipe, device, num_classes, run_dir=No
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
     steps = len(train_loader) if recipe.max_steps is None else min(len(train_loader), recipe.max_steps)
-    optimizer, scheduler, mixup_fn, criterion, scaler = _training_parts(
+    optimizer, scheduler, mixup_fn, criterion, scaler = training_parts(
         inner, recipe, steps, num_classes, teacher, amp)
     model_ema = ModelEmaV3(inner, decay=recipe.model_ema_decay,
                            device="cpu" if recipe.model_ema_force_cpu else None) if recipe.model_ema else None
@@ -479,13 +505,14 @@ def fit(model, train_loader, val_loader, recipe, device, num_classes, run_dir=No
         _trim_log(log_path, start_epoch, resume)
 
     scheduler.step_update(start_epoch * steps)
-    if start_epoch >= recipe.epochs:
+    total = recipe.epochs + recipe.cooldown_epochs
+    if start_epoch >= total:
         stats = evaluate(val_loader, inner, device, amp)
-        logger.info(f"{tag}: nothing left to train (epoch {start_epoch} of {recipe.epochs}); "
+        logger.info(f"{tag}: nothing left to train (epoch {start_epoch} of {total}); "
                     f"val top-1 {stats['acc1']:.2f}")
         return stats
     t0, stats = time.time(), None
-    for epoch in range(start_epoch, recipe.epochs):
+    for epoch in range(start_epoch, total):
         for part in (train_loader.sampler, train_loader.dataset):  # a data set may redraw per epoch
             if hasattr(part, "set_epoch"):
                 part.set_epoch(epoch)
@@ -493,7 +520,7 @@ def fit(model, train_loader, val_loader, recipe, device, num_classes, run_dir=No
         torch.manual_seed(recipe.seed * 1000 + rank * 100003 + epoch)
         train_stats = train_one_epoch(
             model, criterion, train_loader, optimizer, device, epoch, scaler=scaler, amp=amp,
-            clip_grad=recipe.clip_grad, model_ema=model_ema, mixup_fn=mixup_fn, total_epochs=recipe.epochs,
+            clip_grad=recipe.clip_grad, model_ema=model_ema, mixup_fn=mixup_fn, total_epochs=total,
             log_every=recipe.log_every, max_steps=recipe.max_steps, lr_scheduler=scheduler)
         stats = evaluate(val_loader, inner, device, amp)
         ema_stats = evaluate(val_loader, model_ema.module, device, amp) if model_ema else None
@@ -501,7 +528,7 @@ def fit(model, train_loader, val_loader, recipe, device, num_classes, run_dir=No
         if is_best:
             best = {"acc1": stats["acc1"], "epoch": epoch}
         elapsed = time.time() - t0
-        eta = elapsed / (epoch + 1 - start_epoch) * (recipe.epochs - epoch - 1)
+        eta = elapsed / (epoch + 1 - start_epoch) * (total - epoch - 1)
         logger.info(f"{tag} epoch {epoch}: loss {train_stats.get('loss', float('nan')):.4f} "
                     f"val top-1 {stats['acc1']:.2f} top-5 {stats['acc5']:.2f} (best {best['acc1']:.2f}) "
                     + (f"EMA top-1 {ema_stats['acc1']:.2f} " if ema_stats else "") +
@@ -562,7 +589,7 @@ def _write_epoch(run_dir, model, arch, optimizer, scheduler, scaler, model_ema, 
 
 
 # ----------------------------------------------------------------------------------------------
-# issue 11: search objectives (--search-objective {acc,loss,kl}); standalone functions.
+# search objectives (--search-objective {acc,loss,kl}); standalone functions.
 #
 #   ref = reference_outputs(dense, holdout_loader, device)            # once per search
 #   stats = objective_stats(candidate, holdout_loader, device, ref)   # per candidate policy
@@ -612,12 +639,6 @@ def compare_models(files, rows, device, batch_size, input_size, amp=False):
 SEARCH_OBJECTIVES = ("acc", "loss", "kl")
 
 
-def _logits(out):
-    if isinstance(out, (tuple, list)):  # (cls, dist) logits of a distilled model: average them
-        out = (out[0] + out[1]) / 2
-    return out.float()
-
-
 def _fingerprint(images):
     """One number per image (its pixel sum in float64): tells a batch from a reshuffled or
     re-augmented one."""
@@ -632,53 +653,27 @@ def reference_outputs(model, loader, device, amp=False):
     model.eval()
     ref = []
     for images, targets in loader:
+        if targets.numel() == 0:  # skipped by prediction_sums as well
+            continue
         with autocast(device, amp):
             out = model(images.to(device, non_blocking=True))
-        ref.append((F.log_softmax(_logits(out), dim=1).cpu(), targets.cpu(), _fingerprint(images)))
+        ref.append((F.log_softmax(class_logits(out).float(), dim=1).cpu(), targets.cpu(), _fingerprint(images)))
     model.train(was_training)
     return ref
 
 
-@torch.no_grad()
 def objective_stats(model, loader, device, reference=None, amp=False):
     """Top-1 (%), mean cross entropy and, given ``reference`` (reference_outputs of the dense
     model on the same loader), mean KL(dense || candidate) = mean_i sum_k p_ik (log p_ik - log q_ik)
     over the hold-out images. Sums and the image count are all-reduced across ranks before
-    dividing, so a sharded hold-out gives the single-process values. Returns
-    {"acc1", "loss", "kl" (None without reference), "n"}."""
-    was_training = model.training
-    model.eval()
-    sums = torch.zeros(4, dtype=torch.float64)  # correct, loss*n, kl*n, n
-    batches = 0
-    for b, (images, targets) in enumerate(loader):
-        with autocast(device, amp):
-            out = model(images.to(device, non_blocking=True))
-        logits = _logits(out).cpu()
-        targets = targets.cpu()
-        log_q = F.log_softmax(logits, dim=1)
-        sums[0] += (logits.argmax(dim=1) == targets).sum().item()
-        sums[1] += F.nll_loss(log_q, targets, reduction="sum").double().item()
-        if reference is not None:
-            if (b >= len(reference) or not torch.equal(reference[b][1], targets)
-                    or not torch.equal(reference[b][2], _fingerprint(images))):
-                raise ValueError("the hold-out loader gave other batches than reference_outputs saw; "
-                                 "use one fixed, unshuffled loader for both")
-            log_p = reference[b][0]
-            sums[2] += F.kl_div(log_q, log_p, reduction="sum", log_target=True).double().item()
-        sums[3] += targets.numel()
-        batches += 1
-    if reference is not None and batches != len(reference):
-        raise ValueError(f"the hold-out loader gave {batches} batches, reference_outputs saw {len(reference)}")
-    model.train(was_training)
-    if device.type == "cuda":
-        sums = sums.to(device)
-    all_reduce_sum(sums)
-    sums = sums.cpu()
-    n = sums[3].item()
+    dividing (the hold-out is sharded), so a sharded hold-out gives the single-process values.
+    Returns {"acc1", "loss", "kl" (None without reference), "n"}."""
+    sums = _summed_over_ranks(prediction_sums(model, loader, device, amp, reference=reference), device)
+    n = sums[4].item()
     if n == 0:
         raise ValueError("the hold-out loader gave no images")
-    return {"acc1": 100.0 * sums[0].item() / n, "loss": sums[1].item() / n,
-            "kl": sums[2].item() / n if reference is not None else None, "n": int(n)}
+    return {"acc1": 100.0 * sums[1].item() / n, "loss": sums[0].item() / n,
+            "kl": sums[3].item() / n if reference is not None else None, "n": int(n)}
 
 
 def objective_value(stats, objective):
@@ -694,14 +689,17 @@ def objective_value(stats, objective):
     raise ValueError(f"unknown search objective {objective!r}; expected one of {SEARCH_OBJECTIVES}")
 
 
-def policy_scorer(dense, rankings, loader, device, objective="acc", round_to=8, fuse=False, rounding="exact",
-                  convention="exact", amp=False, extra=None, latency_table=None):
+def policy_scorer(dense, loader, *, rankings, settings, latency_table=None, extra=None, device, amp=False):
     """``evaluate(x) -> (score, record)`` for ``expected_improvement.run_search``: slice ``dense``
     to the policy vector x (pruning.policy_vector's layout) keeping the components ``rankings``
-    rank highest, and score it on the fixed, unshuffled hold-out ``loader`` with ``objective``
-    (objective_value). The record holds the policy, its counted GMACs and parameters, the budget
-    GMACs under ``convention``, top-1, loss and KL, the ms per batch ``latency_table`` predicts
+    rank highest (with ``settings``' round_to, fuse and rounding), and score it on the fixed,
+    unshuffled hold-out ``loader`` with ``settings.search_objective`` (objective_value). The record
+    holds the policy, its counted GMACs and parameters, the budget GMACs under
+    ``settings.flops_convention``, top-1, loss and KL, the ms per batch ``latency_table`` predicts
     (None without one), plus ``extra``. The dense model's outputs for the KL are computed once, here."""
+    objective, round_to, fuse, rounding = (settings.search_objective, settings.round_to, settings.fuse,
+                                           settings.rounding)
+    convention = settings.flops_convention
     dims = pruning.model_dims(dense)
     depth = dims["depth"]
     reference = reference_outputs(dense, loader, device, amp)
@@ -746,7 +744,7 @@ class SearchSettings:
     search_speedup: Optional[float] = None  # a speed-up over the dense model predicted by a latency table, or
     search_latency_ms: Optional[float] = None  # milliseconds per batch predicted by a latency table
 
-    take = classmethod(Recipe.take.__func__)
+    take = classmethod(settings_from)
 
     @property
     def latency_budget(self):
@@ -825,15 +823,15 @@ def _previous_search(out, identity):
     return history, (json.load(open(path)) if history and os.path.exists(path) else None)
 
 
-def search_policy(dense, rankings, loader, sampler, settings, device, amp=False, out=None, identity=None,
-                  val_loader=None, record=None, distributed=False, rank=0, latency_table=None):
+def search_policy(dense, loader, *, rankings, sampler, settings, val_loader=None, identity=None, record=None,
+                  latency_table=None, run_dir=None, device, amp=False, distributed=False, rank=0):
     """Search the policy of ``dense`` that scores best on the hold-out ``loader`` among the feasible
     ones of ``sampler`` (``settings.space``): ``search_population`` random policies, then
     ``search_epoch`` EI steps (or random ones), each candidate sliced by ``rankings`` and scored by
     ``settings.search_objective``. ``rankings`` is a dict (dependency_criterion.rank_model) or a
     function computing one, called only when needed.
 
-    With ``out``, the search is a resumable run folder: ``run.json`` (what defines the search:
+    With ``run_dir``, the search is a resumable run folder: ``run.json`` (what defines the search:
     ``settings.identity(sampler)`` and the caller's ``identity``, e.g. the dense model, the
     rankings' criterion and the hold-out; another search's folder is refused), ``search_log.jsonl`` (replayed after an
     interruption, so the search continues as the uninterrupted one would), ``rankings.json``, and
@@ -844,22 +842,22 @@ def search_policy(dense, rankings, loader, sampler, settings, device, amp=False,
     predicted ms, and the best model's ms are measured against the dense model's at the end (on the
     table's device type). Returns ``{"result" (best_policy.json's contents: policy, vector, GMACs,
     predicted and measured ms, scores, settings, the rankings, ``record``), "model" (the best
-    policy's sliced model), "history"}``."""
-    identity = dict(settings.identity(sampler, latency_table), **(identity or {}))
-    history, found = decide_on_rank0(lambda: _previous_search(out, identity)) if out else ([], None)
+    policy's sliced model), "history"}``; best_policy.json holds the caller's ``identity`` too."""
+    given = dict(identity or {})
+    identity = dict(settings.identity(sampler, latency_table), **given)
+    history, found = decide_on_rank0(lambda: _previous_search(run_dir, identity)) if run_dir else ([], None)
     rankings = found or (rankings() if callable(rankings) else rankings)
-    log_path = os.path.join(out, "search_log.jsonl") if out else None
-    if out and rank == 0:
-        write_json_atomic(os.path.join(out, "rankings.json"), rankings)
+    log_path = os.path.join(run_dir, "search_log.jsonl") if run_dir else None
+    if run_dir and rank == 0:
+        write_json_atomic(os.path.join(run_dir, "rankings.json"), rankings)
     total = settings.search_population + settings.search_epoch
     if len(history) > total:
-        logger.info(f"search: {out}/search_log.jsonl holds {len(history)} evaluations; a search of {total} takes the "
+        logger.info(f"search: {run_dir}/search_log.jsonl holds {len(history)} evaluations; a search of {total} takes the "
                     f"first {total}, as an uninterrupted one would (the log keeps all {len(history)})")
     elif history:
         logger.info(f"search: resuming after {len(history)} of {total} evaluations")
-    score = policy_scorer(dense, rankings, loader, device, settings.search_objective, settings.round_to,
-                          settings.fuse, settings.rounding, settings.flops_convention, amp,
-                          extra={"search": identity}, latency_table=latency_table)
+    score = policy_scorer(dense, loader, rankings=rankings, settings=settings, latency_table=latency_table,
+                          extra={"search": identity}, device=device, amp=amp)
     t_start, done = time.time(), [0]
 
     def on_record(rec):
@@ -891,7 +889,7 @@ def search_policy(dense, rankings, loader, sampler, settings, device, amp=False,
               "mode": settings.search_mode, "flops_convention": settings.flops_convention,
               "budget_gmacs": best["budget_gmacs"], "round_to": settings.round_to, "fuse": settings.fuse,
               "gp_share": sum(r.get("gp_seconds", 0.0) for r in res["history"]) / spent
-              if spent > 0 and settings.search_mode == "ei" else None, **(record or {}), "rankings": rankings}
+              if spent > 0 and settings.search_mode == "ei" else None, **given, **(record or {}), "rankings": rankings}
     if speed:
         budget = (f"predicted {speed['predicted_ms']:.4g} ms ({speed['predicted_speedup']:.2f}x; target "
                   f"{sampler.target:.4g} ms)" + (f", measured {speed['measured_ms']:.4g} ms ({speed['measured_speedup']:.2f}x "
@@ -902,15 +900,15 @@ def search_policy(dense, rankings, loader, sampler, settings, device, amp=False,
                   f"{best['gmacs']:.4g})")
     logger.info(f"search done: best {settings.search_objective} {best['y']:.4g} on the search split at {budget}"
                 + (f"; val top-1 before finetune {val['acc1']:.2f}" if val else ""))
-    if out and rank == 0:
-        write_json_atomic(os.path.join(out, "best_policy.json"), result)
-        plots.plot_history(res["history"], os.path.join(out, "search.png"),
+    if run_dir and rank == 0:
+        write_json_atomic(os.path.join(run_dir, "best_policy.json"), result)
+        plots.plot_history(res["history"], os.path.join(run_dir, "search.png"),
                            f"{settings.search_objective} on the search split")
     return {"result": result, "model": model, "history": res["history"]}
 
 
-def prune_finetune(dense, dense_arch, policy, rankings, data, recipe, device, settings=None, run_dir=None,
-                   identity=None, distributed=False, amp=False, rank=0, extra=None, record=None, latency_table=None):
+def prune_finetune(dense, data, *, dense_arch, policy, rankings, recipe, settings=None, identity=None, record=None,
+                   extra=None, latency_table=None, run_dir=None, device, amp=False, distributed=False, rank=0):
     """Slice ``dense`` (its ``dense_arch``) to ``policy``, keeping the components ``rankings``
     rank highest (a dict, or a function computing one, called only when needed), and finetune it
     by ``recipe`` (its drop_path given to the sliced model's blocks as timm schedules it), distilling
@@ -922,13 +920,13 @@ def prune_finetune(dense, dense_arch, policy, rankings, data, recipe, device, se
     settings' rounding, the recipe less its length, and the caller's ``identity``, e.g. the dense
     file and where the rankings came from; a different run's folder is refused), every epoch writes ``checkpoint.pth``, and at the end rank 0
     writes ``compressed.pth`` (load it with models.load; ``extra`` stored beside) and
-    ``result.json`` (``record``, e.g. the policy, then the figures). With a ``latency_table`` (the
+    ``result.json`` (the caller's ``identity`` and ``record``, e.g. the policy, then the figures). With a ``latency_table`` (the
     one a latency budget was searched with) the table joins the identity and result.json gains the
     predicted and measured ms and speed-ups of the finetuned model against the dense one.
     Returns result.json's contents."""
-    settings = settings or SearchSettings()
+    settings, given = settings or SearchSettings(), dict(identity or {})
     identity = {"policy": policy, "round_to": settings.round_to, "fuse": settings.fuse, "rounding": settings.rounding,
-                "recipe": {k: v for k, v in recipe.as_dict().items() if k not in ("epochs", "log_every", "max_steps")},
+                "recipe": {k: v for k, v in recipe.as_dict().items() if k not in ("epochs", "cooldown_epochs", "log_every", "max_steps")},
                 **({"latency_table": latency.table_identity(latency_table)} if latency_table is not None else {}),
                 **(identity or {})}
     ckpt_path, state = run_dir and os.path.join(run_dir, "checkpoint.pth"), None
@@ -951,11 +949,11 @@ def prune_finetune(dense, dense_arch, policy, rankings, data, recipe, device, se
     before = (state or {}).get("before_finetune") or evaluate(data["val"], model, device, amp)
     dense_stats = evaluate(data["val"], dense, device, amp)
     logger.info(f"val top-1: dense {dense_stats['acc1']:.2f}, pruned before finetune {before['acc1']:.2f}")
-    stats = fit(model, data["train"], data["val"], recipe, device, data["num_classes"], run_dir=run_dir, arch=arch,
-                teacher=dense if recipe.distillation != "none" else None, resume=state, distributed=distributed,
-                amp=amp, rank=rank, tag="finetune",
-                extra=dict(extra or {}, recipe=recipe.as_dict(), before_finetune=before))
-    result = dict(record or {}, dense_gmacs=dense_m["macs"] / 1e9, gmacs=comp_m["macs"] / 1e9,
+    stats = fit(model, data["train"], data["val"], recipe=recipe, num_classes=data["num_classes"], arch=arch,
+                teacher=dense if recipe.distillation != "none" else None, resume=state,
+                extra=dict(extra or {}, recipe=recipe.as_dict(), before_finetune=before), tag="finetune",
+                run_dir=run_dir, device=device, amp=amp, distributed=distributed, rank=rank)
+    result = dict(given, **(record or {}), dense_gmacs=dense_m["macs"] / 1e9, gmacs=comp_m["macs"] / 1e9,
                   dense_params=dense_m["params"], params=comp_m["params"], dense_acc1=dense_stats["acc1"],
                   acc1_before_finetune=before["acc1"], acc1=stats["acc1"], acc5=stats["acc5"],
                   finetune_epochs=recipe.epochs)

@@ -34,14 +34,76 @@ np, torch = Later("numpy"), Later("torch")
 datasets, dc, engine, latency = Later("datasets"), Later("dependency_criterion"), Later("engine"), Later("latency")
 ei, flops, models, plots, pruning, utils = (Later(name) for name in ("expected_improvement", "flops", "models", "plots",
                                                                      "pruning", "utils"))
+export = Later("export")
 
-# the choices of four flags, spelled out so that --help imports nothing heavy (tests/test_first_hour.py
+# the choices of four flags, spelled out so that --help imports nothing heavy (tests/test_checkpoints_and_reruns.py
 # checks that they equal the library's own tuples)
 CRITERIA = ("hsic", "magnitude", "random", "taylor")
 KERNELS = ("scaled", "original")
 SEARCH_OBJECTIVES = ("acc", "loss", "kl")
 CONVENTIONS = ("exact", "original")
 MAGNITUDES = ("activation", "contribution", "taylor")
+
+# The defaults that depend on the data set, in one table: a flag left at None takes its data set's
+# value (settle), and --help shows them from here (``--data-set X --help``: X's alone). IMAGE is
+# DeiT's ImageNet recipe and holds for IMNET, IMAGEFOLDER and CIFAR; DIGITS is a short from-scratch
+# recipe for 2 CPU cores; CLUTTERED_DIGITS (one digit among clutter on a 64 px canvas, mostly
+# background tokens) takes about 10 min on 2 cores.
+DATA_SET_DEFAULTS = {
+    "IMAGE": dict(model="deit_base_patch16_224", input_size=224, epochs=300, batch_size=64, lr=5e-4,
+                  warmup_epochs=5, min_lr=1e-5, weight_decay=0.05, drop_path=0.1,
+                  aa="rand-m9-mstd0.5-inc1", smoothing=0.1, reprob=0.25, mixup=0.8, cutmix=1.0,
+                  repeated_aug=True, model_ema=True, num_workers=10, finetune_epochs=30, finetune_lr=5e-5,
+                  search_epoch=100, search_population=100, criterion_batches=4, search_pool=10000, throughput_batch=64),
+    "DIGITS": dict(model="vit_nano_patch4_32", input_size=32, epochs=30, batch_size=64, lr=1e-2,
+                   warmup_epochs=2, min_lr=1e-5, weight_decay=0.05, drop_path=0.0,
+                   aa="none", smoothing=0.1, reprob=0.0, mixup=0.0, cutmix=0.0,
+                   repeated_aug=False, model_ema=False, num_workers=0, finetune_epochs=15, finetune_lr=2e-3,
+                   search_epoch=30, search_population=20, criterion_batches=4, search_pool=1000, throughput_batch=256),
+}
+DATA_SET_DEFAULTS["CLUTTERED_DIGITS"] = dict(DATA_SET_DEFAULTS["DIGITS"], model="vit_nano_d6_patch8_64", input_size=64,
+                                             warmup_epochs=1, finetune_epochs=6)
+DATA_SETS = ("DIGITS", "CLUTTERED_DIGITS", "IMNET", "IMAGEFOLDER", "CIFAR", "CIFAR10", "CIFAR100")
+
+
+HELP_EPILOG = ("Per-data-set defaults: IMNET's hold for IMAGEFOLDER and CIFAR too; python main.py --data-set X --help "
+               "shows X's alone.")
+
+
+def data_set_defaults(data_set):
+    """The row of DATA_SET_DEFAULTS that ``data_set`` (a --data-set value) takes."""
+    return DATA_SET_DEFAULTS.get(data_set, DATA_SET_DEFAULTS["IMAGE"])
+
+
+def defaults_help(key, data_set=None):
+    """What --help says of a per-data-set default: '(IMNET: 300, DIGITS: 30)' from the table, or
+    '(default 0.05)' when every data set has the same, or '(default on X: v)' for ``data_set``."""
+    def text(value):
+        return "on" if value is True else "off" if value is False else str(value)
+    if data_set:
+        return f"(default on {data_set}: {text(data_set_defaults(data_set)[key])})"
+    values = {"IMNET" if name == "IMAGE" else name: row[key] for name, row in DATA_SET_DEFAULTS.items()}
+    if len({repr(v) for v in values.values()}) == 1:
+        return f"(default {text(next(iter(values.values())))})"
+    return "(" + ", ".join(f"{name}: {text(v)}" for name, v in values.items()) + ")"
+
+
+def given_data_set(argv):
+    """The --data-set named on a command line, upper-cased, or None (read before parsing, so that
+    ``--data-set X --help`` can show X's defaults)."""
+    argv = list(argv)
+    for i, arg in enumerate(argv):
+        for flag in ("--data-set", "--data_set"):
+            if arg == flag and i + 1 < len(argv):
+                value = argv[i + 1]
+            elif arg.startswith(flag + "="):
+                value = arg[len(flag) + 1:]
+            else:
+                continue
+            value = value.upper()
+            return "CIFAR100" if value == "CIFAR" else value if value in DATA_SETS else None
+    return None
+
 
 logger = logging.getLogger("vitcompress")
 
@@ -102,22 +164,26 @@ class Parser(argparse.ArgumentParser):
 
 
 
-def get_args_parser():
+def get_args_parser(data_set=None):
+    """The one parser (DeiT's flags plus ours), to be used through ``parents=``. ``data_set`` only
+    changes what --help says of the per-data-set defaults (DATA_SET_DEFAULTS)."""
+    def dd(key):
+        return defaults_help(key, data_set)
+
     p = argparse.ArgumentParser("Multi-dimensional ViT compression (DeiT-style training, HSIC criterion, "
                                 "GP-EI policy search, physical pruning)", add_help=False)
     p.add_argument("--batch-size", "--batch_size", type=POSITIVE,
-                   help="per-process batch size (IMNET: 64, DIGITS: 64)")
-    p.add_argument("--epochs", type=POSITIVE, help="training epochs (IMNET: 300, DIGITS: 30)")
+                   help="per-process batch size " + dd("batch_size"))
+    p.add_argument("--epochs", type=POSITIVE, help="training epochs " + dd("epochs"))
 
     g = p.add_argument_group("model")
     g.add_argument("--model", metavar="NAME", help="timm ViT/DeiT name or a preset (vit_nano_patch4_32, "
-                   "deit_nano_distilled_patch4_32, vit_pico_patch8_32); default deit_base_patch16_224, or "
-                   "vit_nano_patch4_32 on DIGITS")
-    g.add_argument("--input-size", "--input_size", type=POSITIVE, help="image size (IMNET: 224, DIGITS: 32)")
+                   "deit_nano_distilled_patch4_32, vit_pico_patch8_32) " + dd("model"))
+    g.add_argument("--input-size", "--input_size", type=POSITIVE, help="image size " + dd("input_size"))
     g.add_argument("--drop", type=RATE, default=0.0, help="dropout rate")
-    g.add_argument("--drop-path", "--drop_path", type=RATE, help="stochastic depth rate (IMNET: 0.1, DIGITS: 0)")
+    g.add_argument("--drop-path", "--drop_path", type=RATE, help="stochastic depth rate " + dd("drop_path"))
     g.add_argument("--pretrained", action="store_true", help="start from timm's pretrained weights (needs internet)")
-    g.add_argument("--model-ema", action="store_true", default=None, help="keep an EMA of weights")
+    g.add_argument("--model-ema", action="store_true", default=None, help="keep an EMA of weights " + dd("model_ema"))
     g.add_argument("--no-model-ema", dest="model_ema", action="store_false")
     g.add_argument("--model-ema-decay", type=FRACTION, default=0.99996)
     g.add_argument("--model-ema-force-cpu", action="store_true")
@@ -128,32 +194,33 @@ def get_args_parser():
     g.add_argument("--opt-betas", type=float, nargs="+")
     g.add_argument("--clip-grad", type=RATE_OF, help="gradient norm clip (off by default)")
     g.add_argument("--momentum", type=float, default=0.9)
-    g.add_argument("--weight-decay", type=NONNEG, help="(default 0.05)")
+    g.add_argument("--weight-decay", type=NONNEG, help=dd("weight_decay"))
     g.add_argument("--sched", default="cosine", help="timm scheduler name")
     g.add_argument("--lr", type=RATE_OF, help="base learning rate for a global batch of 512, scaled linearly "
-                   "(IMNET: 5e-4, DIGITS: 1e-2)")
+                   + dd("lr"))
     g.add_argument("--unscale-lr", action="store_true", help="do not scale --lr by the global batch size")
     g.add_argument("--warmup-lr", type=NONNEG, default=1e-6)
-    g.add_argument("--min-lr", type=NONNEG, help="(default 1e-5)")
-    g.add_argument("--warmup-epochs", type=COUNT, help="(IMNET: 5, DIGITS: 2)")
-    g.add_argument("--cooldown-epochs", type=COUNT, help="DeiT's flag, accepted and unused (warned about): the "
-                   "schedule ends at --epochs")
+    g.add_argument("--min-lr", type=NONNEG, help=dd("min_lr"))
+    g.add_argument("--warmup-epochs", type=COUNT, help=dd("warmup_epochs"))
+    g.add_argument("--cooldown-epochs", type=COUNT, default=0, help="epochs at --min-lr after the schedule's "
+                   "--epochs (or --finetune-epochs), added to them, as timm's train.py runs them (default 0: DeiT "
+                   "parses its 10 but its loop stops at --epochs)")
     g.add_argument("--decay-epochs", type=float, default=30)
     g.add_argument("--decay-rate", "--dr", type=float, default=0.1)
 
     g = p.add_argument_group("augmentation (DeiT recipe)")
     g.add_argument("--color-jitter", type=float, default=0.3)
-    g.add_argument("--aa", help="RandAugment policy, 'none' to turn off (IMNET: rand-m9-mstd0.5-inc1)")
-    g.add_argument("--smoothing", type=RATE, help="label smoothing (default 0.1)")
+    g.add_argument("--aa", help="RandAugment policy, 'none' to turn off " + dd("aa"))
+    g.add_argument("--smoothing", type=RATE, help="label smoothing " + dd("smoothing"))
     g.add_argument("--train-interpolation", default="bicubic")
-    g.add_argument("--repeated-aug", action="store_true", default=None)
+    g.add_argument("--repeated-aug", action="store_true", default=None, help="repeated augmentation sampler " + dd("repeated_aug"))
     g.add_argument("--no-repeated-aug", dest="repeated_aug", action="store_false")
     g.add_argument("--ra-reps", type=POSITIVE, default=3)
-    g.add_argument("--reprob", type=WEIGHT, help="random erasing probability (IMNET: 0.25, DIGITS: 0)")
+    g.add_argument("--reprob", type=WEIGHT, help="random erasing probability " + dd("reprob"))
     g.add_argument("--remode", default="pixel")
     g.add_argument("--recount", type=int, default=1)
-    g.add_argument("--mixup", type=NONNEG, help="mixup alpha (IMNET: 0.8, DIGITS: 0)")
-    g.add_argument("--cutmix", type=NONNEG, help="cutmix alpha (IMNET: 1.0, DIGITS: 0)")
+    g.add_argument("--mixup", type=NONNEG, help="mixup alpha " + dd("mixup"))
+    g.add_argument("--cutmix", type=NONNEG, help="cutmix alpha " + dd("cutmix"))
     g.add_argument("--cutmix-minmax", type=float, nargs="+")
     g.add_argument("--mixup-prob", type=WEIGHT, default=1.0)
     g.add_argument("--mixup-switch-prob", type=WEIGHT, default=0.5)
@@ -171,7 +238,7 @@ def get_args_parser():
     g = p.add_argument_group("data and run")
     g.add_argument("--data-path", "--data_path", help="data root (train/ and val/)")
     g.add_argument("--data-set", "--data_set", type=str.upper,
-                   choices=["DIGITS", "CLUTTERED_DIGITS", "IMNET", "IMAGEFOLDER", "CIFAR", "CIFAR10", "CIFAR100"],
+                   choices=DATA_SETS,
                    help="DIGITS (embedded; the default without --data-path), CLUTTERED_DIGITS (embedded, harder: "
                         "a digit among clutter), IMNET (the default with --data-path, as in DeiT), IMAGEFOLDER, "
                         "CIFAR10, CIFAR/CIFAR100")
@@ -184,8 +251,9 @@ def get_args_parser():
     g.add_argument("--resume", default="", help="checkpoint to resume, evaluate or compress (this tool's, DeiT's, "
                    "timm's, .safetensors, a state dict); 'auto' = output_dir/checkpoint.pth; without it a training in a "
                    "used folder starts afresh, keeping the old run as checkpoint.previous.pth etc.")
-    g.add_argument("--start_epoch", "--start-epoch", type=int, default=0, help="DeiT's flag, accepted and unused "
-                   "(warned about): a resumed run starts after its checkpoint's epoch")
+    # DeiT flags parsed so that DeiT command lines run, and ignored: hidden from --help, warned about
+    # in one line when given (FLAG_SCOPES "deit")
+    g.add_argument("--start_epoch", "--start-epoch", type=int, default=0, help=argparse.SUPPRESS)
     g.add_argument("--eval", action="store_true", help="evaluate only")
     g.add_argument("--throughput", action="store_true", help="measure images/s, GMACs and params, then exit")
     g.add_argument("--compile", nargs="?", const="default", default=False, metavar="MODE",
@@ -197,18 +265,19 @@ def get_args_parser():
     g.add_argument("--throughput-baseline", default="", metavar="FILE",
                    help="with --throughput: also measure the model in FILE (e.g. the dense one) in the same run and "
                         "report the speed-up over it at --throughput-batch and at batch 1, beside the GMACs ratio")
-    g.add_argument("--export", default="", metavar="FILE.onnx", help="export the --resume model to ONNX (dynamic "
-                   "batch, input 'input', output 'logits'), verify it in ONNX Runtime against PyTorch, and write "
-                   "FILE.json for deployers")
+    g.add_argument("--export", default="", metavar="FILE.onnx|FILE.pt2",
+                   help="export the --resume model, in the format its suffix names: .onnx (dynamic batch, input "
+                        "'input', output 'logits'; verified in ONNX Runtime against PyTorch) or .pt2 (a torch.export "
+                        "program with a dynamic batch, loaded with torch.export.load; verified the same way), and "
+                        "write FILE.json (preprocessing, classes, verification) for deployers")
     g.add_argument("--throughput-batch", type=POSITIVE,
-                   help="batch for --throughput and the pipeline's speed table (IMNET: 64, DIGITS: 256)")
+                   help="batch for --throughput and the pipeline's speed table " + dd("throughput_batch"))
     g.add_argument("--dist-eval", "--dist_eval", action="store_true",
                    help="shard evaluation over ranks (exact: every image counted once)")
-    g.add_argument("--num_workers", "--num-workers", type=COUNT, help="data loader workers (IMNET: 10, DIGITS: 0)")
+    g.add_argument("--num_workers", "--num-workers", type=COUNT, help="data loader workers " + dd("num_workers"))
     g.add_argument("--pin-mem", action="store_true", default=None, help="pin loader memory (default: on with CUDA)")
     g.add_argument("--no-pin-mem", dest="pin_mem", action="store_false")
-    g.add_argument("--world_size", type=int, default=1, help="DeiT's flag, accepted and unused (warned about): "
-                   "the launcher's environment sets the world size")
+    g.add_argument("--world_size", type=int, default=1, help=argparse.SUPPRESS)  # DeiT's, ignored (see --start_epoch)
     g.add_argument("--dist_url", default="env://")
     g.add_argument("--local-rank", "--local_rank", type=int, default=-1,
                    help="passed by legacy launchers; the environment is used otherwise")
@@ -225,7 +294,7 @@ def get_args_parser():
                    "|activation x gradient|, which ranked best in our study, see README; hsic: the paper's "
                    "dependency criterion, the default with --hsic-kernel original; magnitude: weight norms; random)")
     g.add_argument("--criterion-batches", type=POSITIVE, help="training batches (per process) the criterion averages "
-                   "over (default 4); a criterion batch holds max(--batch-size, 16) images")
+                   "over " + dd("criterion_batches") + "; a criterion batch holds max(--batch-size, 16) images")
     g.add_argument("--head-lambda", type=float, default=0.1, help="weight of head redundancy")
     g.add_argument("--neuron-alpha", type=float, default=0.1, help="weight of neuron relevance vs |activation|")
     g.add_argument("--head-alpha", type=WEIGHT, default=1.0, help="weight of head dependency vs the head's "
@@ -259,16 +328,16 @@ def get_args_parser():
     g.add_argument("--latency-batch", type=POSITIVE, help="batch the latency table is measured at (default "
                    "--batch-size)")
     g.add_argument("--search_epoch", "--search-epoch", type=COUNT,
-                   help="EI iterations after the initial population (IMNET: 100, DIGITS: 30)")
+                   help="EI iterations after the initial population " + dd("search_epoch"))
     g.add_argument("--search_population", "--search-population", type=POSITIVE,
-                   help="initial random feasible policies (IMNET: 100, DIGITS: 20)")
+                   help="initial random feasible policies " + dd("search_population"))
     g.add_argument("--search-max-ratio", type=FRACTION, default=0.5, help="upper bound of every removal ratio")
     g.add_argument("--search-tol", type=FRACTION, default=0.02, help="relative FLOPs tolerance of a feasible policy")
     g.add_argument("--search-mode", default="ei", choices=["ei", "random"], help="ei, or the random-search baseline")
     g.add_argument("--search-objective", default="acc", choices=SEARCH_OBJECTIVES, help="what a candidate scores "
                    "on the search split: top-1 (acc), -cross entropy (loss) or -KL(dense || candidate) (kl)")
     g.add_argument("--search-pool", type=POSITIVE,
-                   help="fresh feasible candidates scored by EI per step (IMNET: 10000, DIGITS: 1000)")
+                   help="fresh feasible candidates scored by EI per step " + dd("search_pool"))
     g.add_argument("--search-holdout", help="search split held out of the training set: a number of images (500) "
                    "or a fraction in (0, 1) (0.2); default 20%% of the training set, at most 10000 images")
     g.add_argument("--search-on-val", action="store_true",
@@ -288,7 +357,9 @@ def get_args_parser():
     g.add_argument("--neuron_pruning", "--neuron-pruning", action="store_true",
                    help="prune MLP neurons (with none of the three flags: all dimensions)")
     g.add_argument("--head_pruning", "--head-pruning", action="store_true", help="prune attention heads")
-    g.add_argument("--token_pruning", "--token-pruning", action="store_true", help="reduce tokens")
+    g.add_argument("--token_pruning", "--token-pruning", action="store_true",
+                   help="reduce tokens (ranked by class-token attention; without a class token, e.g. SigLIP, by "
+                        "the attention each token receives, averaged over queries and heads)")
     g.add_argument("--neuron_sparsity", "--neuron-sparsity", type=RATE,
                    help="uniform fraction of neurons removed per block (instead of a searched policy)")
     g.add_argument("--head_sparsity", "--head-sparsity", type=RATE, help="uniform fraction of heads removed per block")
@@ -300,8 +371,8 @@ def get_args_parser():
                    "--finetune-lr with soft distillation from the dense model; paper: the original's settings (300 "
                    "epochs, lr 5e-4, DeiT augmentation, no distillation) for every flag left at its default")
     g.add_argument("--finetune-epochs", type=COUNT,
-                   help="finetuning epochs (IMNET: 30, DIGITS: 15); 0 = prune only, no finetuning")
-    g.add_argument("--finetune-lr", type=RATE_OF, help="finetuning base lr (IMNET: 5e-5, DIGITS: 2e-3)")
+                   help="finetuning epochs " + dd("finetune_epochs") + "; 0 = prune only, no finetuning")
+    g.add_argument("--finetune-lr", type=RATE_OF, help="finetuning base lr " + dd("finetune_lr"))
 
     g = p.add_argument_group("pipeline")
     g.add_argument("--pipeline", action="store_true",
@@ -316,6 +387,28 @@ def get_args_parser():
 
 # ----------------------------------------------------------------------------- settling the configuration
 
+def paper_settings():
+    """The original implementation's prune + finetune settings (a new dict each call), keyed by
+    main.py's argument names. Its prune_finetune step simply continued with its training defaults
+    (DeiT's recipe): 300 epochs, AdamW, base lr 5e-4 scaled by global batch / 512 (8 GPUs x 128 =
+    1e-3), cosine schedule stepped per epoch with 5 warm-up epochs from 1e-6 down to 1e-5, weight
+    decay 0.05, RandAugment, random erasing, mixup / cutmix, label smoothing, repeated
+    augmentation, drop-path 0.1, model EMA (kept, never evaluated), mixed precision, NO
+    distillation (its distillation-for-finetuning code is commented out), training mode on.
+    Its cooldown_epochs of 10 only lengthened the scheduler's nominal length (its loop ran 300
+    epochs), so they are not here. It evaluated on ImageNet val after every epoch and printed the best so far."""
+    return {
+        "finetune_epochs": 300, "finetune_lr": 5e-4, "unscale_lr": False, "opt": "adamw", "opt_eps": 1e-8,
+        "opt_betas": None, "weight_decay": 0.05, "clip_grad": None, "sched": "cosine", "warmup_epochs": 5,
+        "warmup_lr": 1e-6, "min_lr": 1e-5, "smoothing": 0.1, "mixup": 0.8,
+        "cutmix": 1.0, "cutmix_minmax": None, "mixup_prob": 1.0, "mixup_switch_prob": 0.5,
+        "mixup_mode": "batch", "aa": "rand-m9-mstd0.5-inc1", "color_jitter": 0.4,
+        "train_interpolation": "bicubic", "reprob": 0.25, "remode": "pixel", "recount": 1,
+        "repeated_aug": True, "drop": 0.0, "drop_path": 0.1, "model_ema": True, "model_ema_decay": 0.99996,
+        "distillation_type": "none", "amp": True,
+    }
+
+
 def settle(args):
     """The run's configuration, settled once: recipe defaults, the --resume (or --finetune) file's
     own model and input size, every check of the flags. Returns (cfg, contents of that file, or None
@@ -325,12 +418,12 @@ def settle(args):
     if cfg.data_set is None:
         cfg.data_set = "IMNET" if cfg.data_path else "DIGITS"
     cfg.data_set = "CIFAR100" if cfg.data_set == "CIFAR" else cfg.data_set
-    recipe = datasets.RECIPES.get(cfg.data_set, datasets.RECIPES["IMAGE"])
+    recipe = data_set_defaults(cfg.data_set)
     if cfg.output_dir and os.path.exists(cfg.output_dir) and not os.path.isdir(cfg.output_dir):
         raise utils.UserError(f"--output_dir {cfg.output_dir} is a file, not a folder")
     cfg.resume, ckpt = resume_path(cfg), None
     if cfg.resume:
-        ckpt = utils.load_checkpoint_file(cfg.resume)
+        ckpt = models.read_model_file(cfg.resume)
         info = models.inspect_checkpoint(ckpt, cfg.resume)
         for key in ("model", "input_size"):
             if info[key] is not None and getattr(args, key) is not None and getattr(args, key) != info[key] \
@@ -339,8 +432,8 @@ def settle(args):
                                 f"leave out --{key.replace('_', '-')} to use the file's")
             if info[key] is not None and getattr(args, key) is None:
                 setattr(cfg, key, info[key])
-    if cfg.finetune and not cfg.resume and os.path.isfile(cfg.finetune) and (args.model is None or args.input_size is None):
-        ckpt = utils.load_checkpoint_file(cfg.finetune)
+    if cfg.finetune and not cfg.resume and os.path.exists(cfg.finetune) and (args.model is None or args.input_size is None):
+        ckpt = models.read_model_file(cfg.finetune)  # a file, or a Hugging Face folder
         info = models.inspect_checkpoint(ckpt, cfg.finetune)
         cfg.model = cfg.model or info["model"]  # this tool's file (or one naming its model): no --model needed
         cfg.input_size = cfg.input_size or (info["input_size"] if cfg.model == info["model"] else None)
@@ -348,7 +441,7 @@ def settle(args):
         # what each flag parses to when it is not given: get_default would answer --no-model-ema's True
         # for model_ema, which parses to None when neither --model-ema nor --no-model-ema is given
         untouched = vars(get_args_parser().parse_args([]))
-        for key, value in pruning.paper_finetune_recipe().items():
+        for key, value in paper_settings().items():
             if getattr(args, key) == untouched[key]:
                 setattr(cfg, key, value)
     if cfg.criterion is None:  # the paper's setting (--hsic-kernel original) ranks with its HSIC criterion
@@ -463,7 +556,7 @@ FLAG_SCOPES = {
     "model": ("run",), "input_size": ("run",), "data_set": ("run",), "output_dir": ("run",), "device": ("run",),
     "seed": ("run",), "batch_size": ("run",), "num_workers": ("run",), "pin_mem": ("run",), "dist_eval": ("run",),
     "dist_url": ("run",), "local_rank": ("run",), "log_every": ("run",),
-    "world_size": ("deit",), "start_epoch": ("deit",), "cooldown_epochs": ("deit",),
+    "world_size": ("deit",), "start_epoch": ("deit",), "cooldown_epochs": ("recipe",),
     "data_path": ("file_data",), "download": ("cifar",), "eval_crop_ratio": ("image_eval",),
     "amp": ("cuda",), "amp_dtype": ("cuda",), "resume": ("one_step",),
     # the modes
@@ -684,7 +777,7 @@ class Context:
         """The contents of --resume, or without it of --finetune (None when neither is given)."""
         path = self.cfg.resume or self.cfg.finetune
         if self._file is None and path:
-            self._file = utils.load_checkpoint_file(path)
+            self._file = models.read_model_file(path)
         return self._file
 
     def derive(self, out, **overrides):
@@ -702,16 +795,18 @@ def load_model(ctx, num_classes):
         return loaded
     start = ctx.model_file()
     spec_of = (models.inspect_checkpoint(start, cfg.finetune)["arch"] or {}) if start else {}
+    # the file's own architecture keywords when it is the model built (a converted Hugging Face model's)
+    own = (spec_of.get("model_kwargs") or {}) if spec_of.get("model") == cfg.model else {}
     if spec_of.get("prune_spec"):  # a compressed model adapted to this data set: its shape, a new head
         model = models.build_from_arch(dict(spec_of, num_classes=num_classes, input_size=cfg.input_size))
         warn_misaligned(model, ctx.device)
     else:
         model = models.build_model(cfg.model, num_classes=num_classes, img_size=cfg.input_size,
-                                   pretrained=cfg.pretrained, drop_rate=cfg.drop, drop_path_rate=cfg.drop_path)
+                                   pretrained=cfg.pretrained, drop_rate=cfg.drop, drop_path_rate=cfg.drop_path, **own)
     if cfg.finetune:
         models.load_finetune(model, cfg.finetune, ckpt=start)
         logger.info(f"initialised from {cfg.finetune}")
-    return model, models.model_arch(cfg.model, model, cfg.input_size, ctx.mean, ctx.std), None
+    return model, models.model_arch(cfg.model, model, cfg.input_size, ctx.mean, ctx.std, model_kwargs=own), None
 
 
 def warn_misaligned(model, device):
@@ -753,9 +848,9 @@ def run_train(ctx):
                                        arch["input_size"]).to(ctx.device)
     logger.info(f"training {arch['model']} on {cfg.data_set}: {len(data['train_set'])} images, {recipe.epochs} "
                 f"epochs, {ctx.world_size} process(es), device {ctx.device}")
-    stats = engine.fit(model, data["train"], data["val"], recipe, ctx.device, data["num_classes"], run_dir=ctx.out,
-                       arch=arch, teacher=teacher, resume=state, distributed=ctx.distributed, amp=ctx.amp,
-                       rank=ctx.rank, extra={"args": utils.primitives(vars(cfg)), "recipe": recipe.as_dict()})
+    stats = engine.fit(model, data["train"], data["val"], recipe=recipe, num_classes=data["num_classes"], arch=arch,
+                       teacher=teacher, resume=state, extra={"args": utils.primitives(vars(cfg)), "recipe": recipe.as_dict()},
+                       run_dir=ctx.out, device=ctx.device, amp=ctx.amp, distributed=ctx.distributed, rank=ctx.rank)
     logger.info(f"final val top-1 {stats['acc1']:.2f} top-5 {stats['acc5']:.2f}")
     return stats
 
@@ -823,23 +918,25 @@ def load_baseline(path, input_size, device):
 
 
 def run_export(ctx):
-    """ONNX file + verification in ONNX Runtime on real images of the run's data set when they fit."""
+    """An ONNX file or a torch.export program (by the suffix), verified against PyTorch on real images
+    of the run's data set when they fit."""
     cfg = ctx.cfg
     if not cfg.resume:
         raise utils.UserError("--export needs the model file to export: --resume FILE")
-    models.check_export_target(cfg.export, keep=[cfg.resume])  # --export model.json, or over the model file
+    export.check_export_target(cfg.export, keep=[cfg.resume])  # a suffix of no format, or over the model file
 
-    def export():  # on rank 0 only: the other ranks of a torchrun / srun launch wait for its result or error
+    def on_rank0():  # the other ranks of a torchrun / srun launch wait for its result or error
         model, arch, _ = load_model(ctx, None)
         sample = None
         if cfg.data_path or cfg.data_set in ("DIGITS", "CLUTTERED_DIGITS"):
             data = datasets.build_loaders(ctx.data, False, train=False)
             if data["num_classes"] == arch["num_classes"]:
                 sample = next(iter(data["val"]))[0][:8]
-        return models.export_onnx(model, cfg.export, arch, sample=sample, crop_ratio=cfg.eval_crop_ratio)
-    meta = utils.decide_on_rank0(export)
+        return export.export_model(model, cfg.export, arch, sample=sample, crop_ratio=cfg.eval_crop_ratio)
+    meta = utils.decide_on_rank0(on_rank0)
     if ctx.rank == 0:
-        print(json.dumps({"onnx": meta["onnx_path"], "json": meta["json_path"], **meta["verification"]}))
+        fmt = export.export_format(cfg.export)
+        print(json.dumps({fmt: meta[f"{fmt}_path"], "json": meta["json_path"], **meta["verification"]}))
     return meta
 
 
@@ -869,10 +966,18 @@ def rank_dense(ctx, dense, train_plain):
     return rankings
 
 
-def active_dims(cfg):
-    """(heads, neurons, tokens) switched on: the --*_pruning flags, or all three when none is given."""
+def active_dims(cfg, dense=None):
+    """(heads, neurons, tokens) switched on: the --*_pruning flags, or all three when none is given.
+    Given the ``dense`` model: on one that cannot reduce tokens (pruning.token_reduction_refusal:
+    EVA) --token_pruning / --token_sparsity are refused in one line, and tokens are off."""
     flags = (cfg.head_pruning, cfg.neuron_pruning, cfg.token_pruning)
-    return flags if any(flags) else (True, True, True)
+    active = flags if any(flags) else (True, True, True)
+    why = pruning.token_reduction_refusal(dense) if dense is not None else None
+    if why and (cfg.token_pruning or cfg.token_sparsity):
+        raise utils.UserError(f"--token_pruning / --token_sparsity: {why}")
+    if why and active[2]:
+        logger.info(why.split(";")[0])  # e.g. EVA: heads and neurons only
+    return active[0], active[1], active[2] and why is None
 
 
 def table_setting(ctx):
@@ -906,7 +1011,7 @@ def run_search(ctx):
     train_plain, ncls = datasets.build_dataset(True, ctx.data, train_transform=False)
     dense, arch, weights = load_dense(ctx, ncls)
     dense_gmacs = flops.model_macs(dense, convention=cfg.flops_convention)["macs"] / 1e9
-    settings = engine.SearchSettings.take(cfg, active=active_dims(cfg))
+    settings = engine.SearchSettings.take(cfg, active=active_dims(cfg, dense))
     dims = pruning.model_dims(dense)
     table, table_path = latency_table(ctx, dense) if settings.latency_budget else (None, "")
     dense_cost = float(settings.cost(dims, table)(np.zeros((1, 2 * dims["depth"] + 1)))[0])
@@ -919,14 +1024,15 @@ def run_search(ctx):
                 f"(dense {dense_cost:.4g}, reachable {low:.4g}-{high:.4g}), {cfg.search_population + cfg.search_epoch} "
                 f"evaluations on {split_desc}")
     return engine.search_policy(
-        dense, lambda: rank_dense(ctx, dense, train_plain), datasets.split_loader(split, ctx.data, ctx.distributed),
-        sampler, settings, ctx.device, amp=ctx.amp, out=out,
+        dense, datasets.split_loader(split, ctx.data, ctx.distributed),
+        rankings=lambda: rank_dense(ctx, dense, train_plain), sampler=sampler, settings=settings,
+        val_loader=datasets.build_loaders(ctx.data, ctx.distributed, train=False)["val"],
         identity={"criterion": criterion_settings(cfg), "dense": arch["model"], "dense_weights": weights,
                   "split": split_desc},
-        val_loader=datasets.build_loaders(ctx.data, ctx.distributed, train=False)["val"],
-        record=dict(criterion=cfg.criterion, split=split_desc, model=arch["model"], input_size=arch["input_size"],
-                    dense_weights=weights, **({"latency_table_file": table_path} if table else {})),
-        distributed=ctx.distributed, rank=ctx.rank, latency_table=table)["result"]
+        record=dict(criterion=cfg.criterion, model=arch["model"], input_size=arch["input_size"],
+                    **({"latency_table_file": table_path} if table else {})),
+        latency_table=table, run_dir=out, device=ctx.device, amp=ctx.amp, distributed=ctx.distributed,
+        rank=ctx.rank)["result"]
 
 
 def searched_table(ctx, dense, source):
@@ -952,18 +1058,21 @@ def run_prune_finetune(ctx):
     policy, source, rankings = pruning.resolve_policy(
         pruning.model_dims(dense)["depth"], (cfg.head_sparsity, cfg.neuron_sparsity, cfg.token_sparsity), cfg.policy,
         os.path.join(ctx.out, "search", "best_policy.json") if ctx.out else "", active_dims(cfg))
+    if policy["token"] and not active_dims(cfg, dense)[2]:  # a policy file's token rate, on EVA
+        raise utils.UserError(f"policy from {source} removes tokens (rate {policy['token']:g}): "
+                              f"{pruning.token_reduction_refusal(dense)}")
     logger.info(f"policy from {source}; components kept by the rankings " + (
         "the search scored its policies with" if rankings else f"of the {cfg.criterion} criterion"))
     return engine.prune_finetune(
-        dense, dense_arch, policy, rankings or (lambda: rank_dense(
-            ctx, dense, datasets.build_dataset(True, ctx.data, train_transform=False)[0])), data,
-        make_recipe(cfg, ctx.world_size, finetune=True), ctx.device, settings=engine.SearchSettings.take(cfg),
-        run_dir=os.path.join(ctx.out, "prune_finetune") if ctx.out else None,
+        dense, data, dense_arch=dense_arch, policy=policy, rankings=rankings or (lambda: rank_dense(
+            ctx, dense, datasets.build_dataset(True, ctx.data, train_transform=False)[0])),
+        recipe=make_recipe(cfg, ctx.world_size, finetune=True), settings=engine.SearchSettings.take(cfg),
         identity={"dense_weights": weights, "rankings": "search" if rankings else criterion_settings(cfg),
                   "global_batch": cfg.batch_size * ctx.world_size},  # the lr scales with it: say why a run differs
-        distributed=ctx.distributed, amp=ctx.amp, rank=ctx.rank, extra={"args": utils.primitives(vars(cfg))},
-        record={"policy": policy, "policy_source": source, "dense_weights": weights},
-        latency_table=searched_table(ctx, dense, source))
+        record={"policy": policy, "policy_source": source}, extra={"args": utils.primitives(vars(cfg))},
+        latency_table=searched_table(ctx, dense, source),
+        run_dir=os.path.join(ctx.out, "prune_finetune") if ctx.out else None, device=ctx.device, amp=ctx.amp,
+        distributed=ctx.distributed, rank=ctx.rank)
 
 
 def run_pipeline(ctx):
@@ -1047,7 +1156,8 @@ def main(args):
 
 def cli(argv=None):
     try:  # a bad flag is answered before torch is imported
-        args = Parser("main.py", parents=[get_args_parser()]).parse_args(argv)
+        argv = sys.argv[1:] if argv is None else argv
+        args = Parser("main.py", parents=[get_args_parser(given_data_set(argv))], epilog=HELP_EPILOG).parse_args(argv)
     except FlagError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -4,6 +4,7 @@ Nothing here reads argparse: functions take plain values (or an object with the
 attributes they name) so that library code and tests can call them directly.
 """
 import argparse
+import dataclasses
 import datetime
 import json
 import logging
@@ -32,7 +33,7 @@ class CheckpointError(UserError):
 
 # --------------------------------------------------------------------------- distributed
 
-def _first_slurm_host(nodelist):
+def first_slurm_host(nodelist):
     """First host name of a SLURM node list such as 'gpu[01-04,07],cpu3'."""
     match = re.match(r"([^,\[]+)(\[([^\]]+)\])?", nodelist)
     if not match:
@@ -85,7 +86,7 @@ def init_distributed(device_name, dist_url="env://", local_rank_arg=None, timeou
     if local_rank_arg is not None and local_rank_arg >= 0 and info["source"] != "slurm":
         local_rank = local_rank_arg
     if info["source"] == "slurm":
-        os.environ.setdefault("MASTER_ADDR", _first_slurm_host(os.environ.get("SLURM_JOB_NODELIST", "127.0.0.1")))
+        os.environ.setdefault("MASTER_ADDR", first_slurm_host(os.environ.get("SLURM_JOB_NODELIST", "127.0.0.1")))
         os.environ.setdefault("MASTER_PORT", str(29500 + int(os.environ.get("SLURM_JOB_ID", "0")) % 1000))
         os.environ["RANK"] = str(info["rank"])
         os.environ["WORLD_SIZE"] = str(info["world_size"])
@@ -436,6 +437,15 @@ def _differences(old, new, prefix=""):
         elif a != b:
             out.append(f"{prefix}{key} {a!r} -> {b!r}" if len(repr(a)) + len(repr(b)) < 80 else f"{prefix}{key}")
     return out
+
+
+def settings_from(cls, obj, **overrides):
+    """The one way a settings dataclass (datasets.DataConfig, engine.Recipe, engine.SearchSettings)
+    is built from flags: the attributes of ``obj`` (e.g. the CLI's settled configuration) that
+    ``cls`` names as fields, then ``overrides``; lists become tuples (frozen, hashable settings)."""
+    values = {f.name: getattr(obj, f.name) for f in dataclasses.fields(cls) if hasattr(obj, f.name)}
+    values.update(overrides)
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 
 def check_run_identity(run_dir, identity, step, fresh=False):

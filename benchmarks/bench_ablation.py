@@ -1,4 +1,4 @@
-"""Ablation of the method on CLUTTERED_DIGITS (issue 11): each part against the simpler thing.
+"""Ablation of the method on CLUTTERED_DIGITS: each part against the simpler thing.
 
     python benchmarks/bench_ablation.py --out /work/ablation_out                 # everything
     python benchmarks/bench_ablation.py --out /work/ablation_out --budgets 0.6 --seeds 0 --only ours,uniform
@@ -205,8 +205,8 @@ def dense_model(a, cpu):
     logger.info(f"training the dense {MODEL} on {DATA_SET}: {len(train.dataset)} images per epoch, "
                 f"{rec.epochs} epochs, lr {rec.lr:.3g}" + (f", resuming after epoch {state['epoch']}" if state else "")
                 + f"; per-epoch val on {len(monitor.dataset)} images")
-    engine.fit(model, train, monitor, rec, cpu, NUM_CLASSES, run_dir=run_dir, arch=arch, resume=state, tag="dense",
-               extra={"recipe": rec.as_dict()})
+    engine.fit(model, train, monitor, recipe=rec, num_classes=NUM_CLASSES, arch=arch, resume=state,
+               extra={"recipe": rec.as_dict()}, tag="dense", run_dir=run_dir, device=cpu)
     models.save_model_file(final, model, arch, extra={"recipe": rec.as_dict()})
     return model.eval(), final
 
@@ -430,8 +430,8 @@ class Bench:
             state = utils.load_checkpoint_file(ckpt_path) if os.path.exists(ckpt_path) else None
             arch = models.model_arch(MODEL, model, INPUT_SIZE, *datasets.data_stats(DATA_SET))
             rec = recipe(a, a.finetune_epochs, a.finetune_lr, seed, "soft")
-            engine.fit(model, train, self.monitor, rec, self.cpu, NUM_CLASSES, run_dir=ft_dir, arch=arch,
-                       teacher=self.dense, resume=state, tag=f"  {variant} finetune")
+            engine.fit(model, train, self.monitor, recipe=rec, num_classes=NUM_CLASSES, arch=arch, teacher=self.dense,
+                       resume=state, tag=f"  {variant} finetune", run_dir=ft_dir, device=self.cpu)
             after = engine.evaluate(self.val, model, self.cpu)["acc1"]
         ft_seconds = time.time() - t_ft
         speeds = [s["images_per_s"] for s in engine.interleaved_throughput(
@@ -463,7 +463,8 @@ class Bench:
         cfg = dataclasses.replace(self.cfg, seed=0)
         train = datasets.build_loaders(cfg, distributed=False, val=False)["train"]
         rec = recipe(a, a.study_epochs, a.finetune_lr, 0, "soft")
-        engine.fit(model, train, self.monitor, rec, self.cpu, NUM_CLASSES, teacher=self.dense, tag=f"  policy {i}")
+        engine.fit(model, train, self.monitor, recipe=rec, num_classes=NUM_CLASSES, teacher=self.dense,
+                   tag=f"  policy {i}", device=self.cpu)
         after = engine.evaluate(self.val, model, self.cpu)["acc1"]
         return {"i": i, "vector": [float(v) for v in x], "gmacs": flops.model_macs(model)["macs"] / 1e9,
                 "acc": stats["acc1"], "loss": stats["loss"], "kl": stats["kl"], "val_before": before, "val_after": after,
@@ -471,7 +472,7 @@ class Bench:
 
 
 def objective_study(a, bench):
-    """Which search score predicts the finetuned model best (issue 11): Spearman rho over the policies."""
+    """Which search score predicts the finetuned model best: Spearman rho over the policies."""
     from scipy.stats import spearmanr
     path = os.path.join(a.out, "objective_study.jsonl")
     rows = utils.read_jsonl(path)

@@ -100,7 +100,7 @@ def vectorised_criterion(model, store, P, bandwidth, neuron_chunk):
     Lc = dc.center_kernel(dc.linear_kernel(P))
     for i, blk in enumerate(model.blocks):
         attn = next(m for m in blk.modules() if isinstance(m, Attention))
-        dc._block_stats(dc._head_features(store[("h", i)], attn.num_heads), store[("n", i)], Lc,
+        dc.block_stats(dc.head_features(store[("h", i)], attn.num_heads), store[("n", i)], Lc,
                         bandwidth, neuron_chunk)
 
 

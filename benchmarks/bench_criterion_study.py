@@ -1,4 +1,4 @@
-"""Criterion study (issue 12): how well each ranking of heads and MLP neurons keeps a trained
+"""Criterion study: how well each ranking of heads and MLP neurons keeps a trained
 model's accuracy when the lowest-ranked components are removed, with no finetuning.
 
     python benchmarks/bench_criterion_study.py --model-file /work/ablation_out/dense/best.pth \
@@ -52,7 +52,7 @@ RANKINGS = {
     "hsic": {},  # this project's defaults
     "hsic_paper_form": {"kernel": "scaled", "bandwidth": "multi", "head_normalize": False, "num_batches": 1},
     "hsic_original": dict(dc.original_criterion_kwargs()),
-    # candidate improvements (issue 12): size terms measured as the contribution to the residual stream
+    # candidate improvements: size terms measured as the contribution to the residual stream
     "hsic_contrib": {"magnitude": "contribution"},
     "hsic_contrib_heads05": {"magnitude": "contribution", "head_alpha": 0.5},
     "hsic_contrib_heads01": {"magnitude": "contribution", "head_alpha": 0.1},

@@ -1,8 +1,5 @@
-"""A real user's first hour: their checkpoint formats, another input size, reruns, bad flags.
-
-Each test here failed (traceback, hang or silently wrong result) before main.py became a thin
-CLI over the library; the issue "One road through the code" lists them as bugs 1-8.
-"""
+"""Through the CLI: every checkpoint format a user holds, another input size, reruns and resumed
+runs, bad flags and files answered in one line, --help without heavy imports."""
 import argparse
 import json
 
@@ -281,11 +278,11 @@ def test_batch_size_one_search_and_prune_without_finetuning(pico_dense, tmp_path
 
 
 def test_flops_cli_one_line_errors(tmp_path, capsys):
-    model = models.build_model("vit_pico_patch8_32", num_classes=10, global_pool="map")
-    arch = models.model_arch("vit_pico_patch8_32", model, 32, (0.5,) * 3, (0.5,) * 3, {"global_pool": "map"})
+    model = models.build_model("vit_pico_patch8_32", num_classes=10, global_pool="prr")  # a pool flops.py refuses
+    arch = models.model_arch("vit_pico_patch8_32", model, 32, (0.5,) * 3, (0.5,) * 3, {"global_pool": "prr"})
     path = tmp_path / "map.pth"
     models.save_model_file(str(path), model, arch)
-    for argv, pattern in ((["--resume", str(path)], "attention-pool"), (["--model", "resnet18"], "ResNet"),
+    for argv, pattern in ((["--resume", str(path)], "AttentionPoolPrr"), (["--model", "resnet18"], "ResNet"),
                           (["--resume", str(tmp_path / "none.pth")], "not found")):
         assert flops.main(argv) == 2
         err = capsys.readouterr().err.strip()

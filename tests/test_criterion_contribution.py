@@ -1,4 +1,4 @@
-"""The contribution size terms of the dependency criterion (issue 12) against slow loops: a head's
+"""The contribution size terms of the dependency criterion against slow loops: a head's
 contribution to the residual stream is x_h W_h^T through its columns of attn.proj, a neuron's is
 a_j W2[:, j]; the scores mix min-max-scaled dependency and size as the docstring says."""
 import pytest

@@ -1,4 +1,4 @@
-"""Foundation: data sets, models, training loop, checkpoints, resume, bad inputs."""
+"""Data sets, samplers, model building, the training loop and evaluation, checkpoint files, bad inputs."""
 import json
 import os
 import types

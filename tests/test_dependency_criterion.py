@@ -212,7 +212,7 @@ def test_statistics_then_scores_equal_compute_scores():
 def test_upper_triangle_kernels_match_full(bandwidth):
     g = torch.Generator().manual_seed(3)
     acts = torch.randn(9, 5, 13, generator=g, dtype=torch.float64).abs()
-    Ku, mag = dc._neuron_kernels(acts, bandwidth, neuron_chunk=4)
+    Ku, mag = dc.neuron_kernels(acts, bandwidth, neuron_chunk=4)
     K = dc.gaussian_kernel(acts.permute(2, 0, 1), bandwidth)
     iu = torch.triu_indices(9, 9, 1)
     torch.testing.assert_close(Ku, K[:, iu[0], iu[1]], rtol=1e-10, atol=1e-12)

@@ -61,12 +61,12 @@ def test_slurm_environment_is_understood():
     assert utils.distributed_env(env) == {"rank": 3, "world_size": 8, "local_rank": 1, "source": "slurm"}
     assert utils.distributed_env({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"})["source"] == "torchrun"
     assert utils.distributed_env({}) is None
-    assert utils._first_slurm_host("gpu[07-09,12],cpu1") == "gpu07"
+    assert utils.first_slurm_host("gpu[07-09,12],cpu1") == "gpu07"
     # 2 nodes x 4 GPUs (scripts/slurm_train.sbatch --nodes=2 --ntasks-per-node=4): the second task
     # of the second node is global rank 5 on GPU 1; every task meets at the first node
     env = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_JOB_NODELIST": "gpu[07-08]"}
     assert utils.distributed_env(env) == {"rank": 5, "world_size": 8, "local_rank": 1, "source": "slurm"}
-    assert utils._first_slurm_host(env["SLURM_JOB_NODELIST"]) == "gpu07"
+    assert utils.first_slurm_host(env["SLURM_JOB_NODELIST"]) == "gpu07"
 
 
 @pytest.mark.slow

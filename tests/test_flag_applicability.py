@@ -46,7 +46,7 @@ def seed_command_lines():
 
 def test_the_seed_command_lines_settle_with_no_warning(monkeypatch, tmp_path, capsys):
     monkeypatch.chdir(tmp_path)  # ./logs is created here
-    monkeypatch.setattr(utils, "load_checkpoint_file", lambda path: {})  # ./logs/deit_small.pth, never read
+    monkeypatch.setattr(models, "read_model_file", lambda path: {})  # ./logs/deit_small.pth, never read
     monkeypatch.setattr(models, "inspect_checkpoint", lambda ckpt, path: {"model": None, "input_size": None,
                                                                           "arch": None, "training": False})
     pretrain, search, prune = seed_command_lines()
@@ -129,12 +129,12 @@ def test_contradicting_flags_are_refused_in_one_line(argv, message, tmp_path):
     (["--resume", "x.pth", "--drop-path", "0.1"], "--drop-path is not used"),
     (["--round-to", "16"], "--round-to is not used: it applies to compressing"),
     (["--sched", "cosine", "--decay-epochs", "10"], "--decay-epochs is not used"),
-    (["--cooldown-epochs", "3"], "--cooldown-epochs is not used: it applies to nothing in this tool"),
+    (["--world_size", "3"], "--world_size is not used: it applies to nothing in this tool"),
     (["--no-amp"], "--no-amp is not used: it applies to mixed precision on CUDA"),
     (["--amp-dtype", "float16"], "--amp-dtype is not used"),
 ])
 def test_flags_that_do_nothing_are_warned_about_once(argv, message, capsys, monkeypatch):
-    monkeypatch.setattr(utils, "load_checkpoint_file", lambda path: {})
+    monkeypatch.setattr(models, "read_model_file", lambda path: {})
     monkeypatch.setattr(models, "inspect_checkpoint", lambda ckpt, path: {"model": None, "input_size": None,
                                                                           "arch": None, "training": False})
     settle(FAST + argv + ["--device", "cpu"])

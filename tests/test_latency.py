@@ -95,7 +95,7 @@ def test_table_is_monotone_and_exact_at_grid_points(nano):
     heads, tokens = table["attn"]["heads"], table["tokens"]
     for i, h in enumerate(heads):
         for j, n in enumerate(tokens):
-            got = latency._interp2(heads, tokens, table["attn"]["ms"], h, n)
+            got = latency.interp2(heads, tokens, table["attn"]["ms"], h, n)
             assert got == pytest.approx(table["attn"]["ms"][i][j], abs=1e-12)
             if not (n == 24):  # the noisy point was lifted to its neighbour's value by the monotone pass
                 assert got == pytest.approx(attn_ms(h, n), abs=1e-12)

@@ -1,6 +1,7 @@
 """engine.search_policy and engine.prune_finetune called from Python with run folders: what main.py's
 --search and --prune_finetune run, checked without the CLI (resume replays, refusals, rankings
 computed only when needed)."""
+
 import dataclasses
 import json
 import os
@@ -26,7 +27,14 @@ def setup():
     cfg = datasets.DataConfig(data_set="DIGITS", input_size=32, batch_size=64)
     data = datasets.build_loaders(cfg, distributed=False)
     model = models.build_model("vit_pico_patch8_32", num_classes=10)
-    engine.fit(model, data["train"], data["val"], engine.Recipe(epochs=1, lr=2e-3, max_steps=10), CPU, 10)
+    engine.fit(
+        model,
+        data["train"],
+        data["val"],
+        recipe=engine.Recipe(epochs=1, lr=2e-3, max_steps=10),
+        num_classes=10,
+        device=CPU,
+    )
     model.eval()
     arch = models.model_arch("vit_pico_patch8_32", model, 32, (0.5,) * 3, (0.5,) * 3)
     train_plain, _ = datasets.build_dataset(True, cfg, train_transform=False)
@@ -40,6 +48,7 @@ def counted_rankings(rankings, calls):
     def rank():
         calls.append(1)
         return rankings
+
     return rank
 
 
@@ -49,9 +58,18 @@ def test_search_policy_folder_resumes_by_replay_and_refuses_another_search(setup
     target = 0.6 * flops.model_macs(model)["macs"] / 1e9
     sampler = settings.space(pruning.model_dims(model), target)
     identity, calls = {"target_gmacs": target, "seed": 1}, []
-    first = engine.search_policy(model, counted_rankings(setup["rankings"], calls), setup["held_out"], sampler,
-                                 settings, CPU, out=out, identity=identity, val_loader=setup["data"]["val"],
-                                 record={"note": "x"})
+    first = engine.search_policy(
+        model,
+        setup["held_out"],
+        rankings=counted_rankings(setup["rankings"], calls),
+        sampler=sampler,
+        settings=settings,
+        device=CPU,
+        run_dir=out,
+        identity=identity,
+        val_loader=setup["data"]["val"],
+        record={"note": "x"},
+    )
     assert calls == [1]
     res = first["result"]
     assert len(utils.read_jsonl(os.path.join(out, "search_log.jsonl"))) == 5
@@ -69,15 +87,31 @@ def test_search_policy_folder_resumes_by_replay_and_refuses_another_search(setup
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["macs"] == round(res["gmacs"] * 1e9)
 
     # a rerun replays the log (no new evaluation, rankings read back, not recomputed): same result
-    again = engine.search_policy(model, counted_rankings(setup["rankings"], calls), setup["held_out"], sampler,
-                                 settings, CPU, out=out, identity=identity)
+    again = engine.search_policy(
+        model,
+        setup["held_out"],
+        rankings=counted_rankings(setup["rankings"], calls),
+        sampler=sampler,
+        settings=settings,
+        device=CPU,
+        run_dir=out,
+        identity=identity,
+    )
     assert calls == [1]
     assert len(utils.read_jsonl(os.path.join(out, "search_log.jsonl"))) == 5
     assert again["result"]["policy"] == res["policy"] and again["result"]["search_score"] == res["search_score"]
 
     # a shorter search in the same folder is the first evaluations of the log, which keeps them all
-    shorter = engine.search_policy(model, setup["rankings"], setup["held_out"], sampler,
-                                   dataclasses.replace(settings, search_epoch=1), CPU, out=out, identity=identity)
+    shorter = engine.search_policy(
+        model,
+        setup["held_out"],
+        rankings=setup["rankings"],
+        sampler=sampler,
+        settings=dataclasses.replace(settings, search_epoch=1),
+        device=CPU,
+        run_dir=out,
+        identity=identity,
+    )
     log = utils.read_jsonl(os.path.join(out, "search_log.jsonl"))
     assert len(log) == 5 and shorter["result"]["evaluations"] == 4
     assert shorter["result"]["search_score"] == max(r["y"] for r in log[:4])
@@ -85,17 +119,41 @@ def test_search_policy_folder_resumes_by_replay_and_refuses_another_search(setup
     # an interrupted search (log cut after 2 records) continues to the same history as the whole run
     log = utils.read_jsonl(os.path.join(out, "search_log.jsonl"))
     utils.write_jsonl(os.path.join(out, "search_log.jsonl"), log[:2])
-    resumed = engine.search_policy(model, setup["rankings"], setup["held_out"], sampler, settings, CPU, out=out,
-                                   identity=identity)
+    resumed = engine.search_policy(
+        model,
+        setup["held_out"],
+        rankings=setup["rankings"],
+        sampler=sampler,
+        settings=settings,
+        device=CPU,
+        run_dir=out,
+        identity=identity,
+    )
     assert [r["x"] for r in resumed["history"]] == [r["x"] for r in log]
 
     with pytest.raises(utils.UserError, match="another search run"):
-        engine.search_policy(model, setup["rankings"], setup["held_out"], sampler, settings, CPU, out=out,
-                             identity=dict(identity, seed=2))
+        engine.search_policy(
+            model,
+            setup["held_out"],
+            rankings=setup["rankings"],
+            sampler=sampler,
+            settings=settings,
+            device=CPU,
+            run_dir=out,
+            identity=dict(identity, seed=2),
+        )
     # the settings define the search by themselves: another tolerance is refused with no caller identity
     with pytest.raises(utils.UserError, match="tol 0.02 -> 0.05"):
-        engine.search_policy(model, setup["rankings"], setup["held_out"], sampler,
-                             dataclasses.replace(settings, search_tol=0.05), CPU, out=out, identity=identity)
+        engine.search_policy(
+            model,
+            setup["held_out"],
+            rankings=setup["rankings"],
+            sampler=sampler,
+            settings=dataclasses.replace(settings, search_tol=0.05),
+            device=CPU,
+            run_dir=out,
+            identity=identity,
+        )
 
 
 def test_prune_finetune_folder_continues_and_refuses_another_policy(setup, tmp_path):
@@ -103,9 +161,18 @@ def test_prune_finetune_folder_continues_and_refuses_another_policy(setup, tmp_p
     policy = pruning.uniform_policy(pruning.model_dims(model)["depth"], 0.25, 0.25, 0.0)
     recipe = engine.Recipe(epochs=1, lr=1e-3, max_steps=3, distillation="soft")
     identity, calls = {"policy": policy}, []
-    res = engine.prune_finetune(model, setup["arch"], policy, counted_rankings(setup["rankings"], calls),
-                                setup["data"], recipe, CPU, run_dir=run_dir, identity=identity,
-                                record={"policy": policy})
+    res = engine.prune_finetune(
+        model,
+        setup["data"],
+        dense_arch=setup["arch"],
+        policy=policy,
+        rankings=counted_rankings(setup["rankings"], calls),
+        recipe=recipe,
+        device=CPU,
+        run_dir=run_dir,
+        identity=identity,
+        record={"policy": policy},
+    )
     assert calls == [1]
     assert json.load(open(os.path.join(run_dir, "result.json")))["policy"] == policy
     small, arch, _ = models.load(res["file"])
@@ -114,15 +181,41 @@ def test_prune_finetune_folder_continues_and_refuses_another_policy(setup, tmp_p
     assert flops.model_macs(small)["macs"] / 1e9 == pytest.approx(res["gmacs"])
 
     # the same run again continues the checkpoint (no ranking) and reports the same pre-finetune top-1
-    again = engine.prune_finetune(model, setup["arch"], policy, counted_rankings(setup["rankings"], calls),
-                                  setup["data"], recipe, CPU, run_dir=run_dir, identity=identity)
+    again = engine.prune_finetune(
+        model,
+        setup["data"],
+        dense_arch=setup["arch"],
+        policy=policy,
+        rankings=counted_rankings(setup["rankings"], calls),
+        recipe=recipe,
+        device=CPU,
+        run_dir=run_dir,
+        identity=identity,
+    )
     assert calls == [1] and again["acc1_before_finetune"] == res["acc1_before_finetune"]
 
     other = pruning.uniform_policy(pruning.model_dims(model)["depth"], 0.25, 0.5, 0.0)
     with pytest.raises(utils.UserError, match="another prune\\+finetune run"):
-        engine.prune_finetune(model, setup["arch"], other, setup["rankings"], setup["data"], recipe, CPU,
-                              run_dir=run_dir, identity={"policy": other})
+        engine.prune_finetune(
+            model,
+            setup["data"],
+            dense_arch=setup["arch"],
+            policy=other,
+            rankings=setup["rankings"],
+            recipe=recipe,
+            device=CPU,
+            run_dir=run_dir,
+            identity={"policy": other},
+        )
     # the policy and recipe define the run by themselves, with no identity from the caller
     with pytest.raises(utils.UserError, match="policy"):
-        engine.prune_finetune(model, setup["arch"], other, setup["rankings"], setup["data"], recipe, CPU,
-                              run_dir=run_dir)
+        engine.prune_finetune(
+            model,
+            setup["data"],
+            dense_arch=setup["arch"],
+            policy=other,
+            rankings=setup["rankings"],
+            recipe=recipe,
+            device=CPU,
+            run_dir=run_dir,
+        )

@@ -381,7 +381,7 @@ def test_first_host_matches_scontrol(tmp_path):
         res = subprocess.run([_find("scontrol"), "show", "hostnames", nodelist], capture_output=True, text=True,
                              env=_clean_env(SLURM_CONF=conf), timeout=30)
         assert res.returncode == 0, res.stderr
-        assert utils._first_slurm_host(nodelist) == res.stdout.split()[0], nodelist
+        assert utils.first_slurm_host(nodelist) == res.stdout.split()[0], nodelist
 
 
 def test_script_sets_rendezvous_for_two_nodes(tmp_path):

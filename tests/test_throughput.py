@@ -116,8 +116,8 @@ def test_amp_dtype_reaches_autocast_and_the_grad_scaler():
     recipe = engine.Recipe(epochs=1, lr=1e-3)
     with warnings.catch_warnings():  # a CUDA GradScaler without CUDA warns and disables itself
         warnings.simplefilter("ignore")
-        assert engine._training_parts(models.build_model(PICO), recipe, 1, 10, None, "float16")[-1] is not None
-    assert engine._training_parts(models.build_model(PICO), recipe, 1, 10, None, "bfloat16")[-1] is None
+        assert engine.training_parts(models.build_model(PICO), recipe, 1, 10, None, "float16")[-1] is not None
+    assert engine.training_parts(models.build_model(PICO), recipe, 1, 10, None, "bfloat16")[-1] is None
 
 
 def test_flag_choices_equal_the_librarys():
