@@ -27,15 +27,14 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 
-import expected_improvement as ei
 import flops
 import latency
 import plots
 import pruning
 from models import class_logits, load, load_state_strict, save_model_file, set_drop_path
-from utils import (Progress, UserError, all_reduce_sum, append_jsonl, broadcast_object, check_run_identity, settings_from,
-                   clean_message, decide_on_rank0, format_seconds, load_checkpoint_file, markdown_table, read_jsonl,
-                   save_atomic, write_json_atomic, write_jsonl)
+from utils import (Progress, UserError, all_reduce_sum, append_jsonl, broadcast_object, check_run_identity,
+                   settings_from, clean_message, decide_on_rank0, format_seconds, load_checkpoint_file,
+                   markdown_table, read_jsonl, save_atomic, write_json_atomic, write_jsonl)
 
 logger = logging.getLogger("vitcompress")
 
@@ -774,8 +773,9 @@ class SearchSettings:
         budget = ({"target_ms": sampler.target, "latency_table": latency.table_identity(table)} if table is not None
                   else {"target_gmacs": sampler.target})
         return {**budget, "seed": self.seed, "mode": self.search_mode,
-                "objective": self.search_objective, "active": sampler.active.tolist(), "max_ratio": self.search_max_ratio,
-                "tol": self.search_tol, "round_to": self.round_to, "fuse": self.fuse, "convention": self.flops_convention,
+                "objective": self.search_objective, "active": sampler.active.tolist(),
+                "max_ratio": self.search_max_ratio, "tol": self.search_tol, "round_to": self.round_to,
+                "fuse": self.fuse, "convention": self.flops_convention,
                 "population": self.search_population, "pool": self.search_pool}
 
     @property
@@ -794,6 +794,8 @@ class SearchSettings:
         """The feasible policies of ``target`` (GMACs under ``flops_convention``, or with ``table``
         predicted ms) for a model of ``dims`` (pruning.model_dims): raises ei.InfeasibleTarget when
         none can meet it, saying what is reachable."""
+        # here, not at the top: scikit-learn takes 2 s to import, only a search needs it
+        import expected_improvement as ei
         depth = dims["depth"]
         active = np.repeat(self.active, [depth, depth, 1])
         try:
@@ -852,8 +854,8 @@ def search_policy(dense, loader, *, rankings, sampler, settings, val_loader=None
         write_json_atomic(os.path.join(run_dir, "rankings.json"), rankings)
     total = settings.search_population + settings.search_epoch
     if len(history) > total:
-        logger.info(f"search: {run_dir}/search_log.jsonl holds {len(history)} evaluations; a search of {total} takes the "
-                    f"first {total}, as an uninterrupted one would (the log keeps all {len(history)})")
+        logger.info(f"search: {run_dir}/search_log.jsonl holds {len(history)} evaluations; a search of {total} "
+                    f"takes the first {total}, as an uninterrupted one would (the log keeps all {len(history)})")
     elif history:
         logger.info(f"search: resuming after {len(history)} of {total} evaluations")
     score = policy_scorer(dense, loader, rankings=rankings, settings=settings, latency_table=latency_table,
@@ -868,6 +870,7 @@ def search_policy(dense, loader, *, rankings, sampler, settings, val_loader=None
         ms = f"predicted {rec['predicted_ms']:.4g} ms " if rec.get("predicted_ms") is not None else ""
         logger.info(f"search [{rec['step'] + 1}/{total}] {rec['phase']} gmacs {rec['gmacs']:.4g} {ms}"
                     f"acc {rec['acc1']:.2f} eta {format_seconds(eta)}")
+    import expected_improvement as ei
     res = ei.run_search(score, sampler, settings.search_population, settings.search_epoch, seed=settings.seed,
                         mode=settings.search_mode, history=history, on_record=on_record,
                         share=broadcast_object if distributed else None, leader=rank == 0,
@@ -892,7 +895,8 @@ def search_policy(dense, loader, *, rankings, sampler, settings, val_loader=None
               if spent > 0 and settings.search_mode == "ei" else None, **given, **(record or {}), "rankings": rankings}
     if speed:
         budget = (f"predicted {speed['predicted_ms']:.4g} ms ({speed['predicted_speedup']:.2f}x; target "
-                  f"{sampler.target:.4g} ms)" + (f", measured {speed['measured_ms']:.4g} ms ({speed['measured_speedup']:.2f}x "
+                  f"{sampler.target:.4g} ms)" + (f", measured {speed['measured_ms']:.4g} ms "
+                                                  f"({speed['measured_speedup']:.2f}x "
                                                   f"the dense model's {speed['dense_measured_ms']:.4g} ms)"
                                                   if speed["measured_ms"] else "") + f", {best['gmacs']:.4g} GMACs")
     else:
@@ -918,15 +922,17 @@ def prune_finetune(dense, data, *, dense_arch, policy, rankings, recipe, setting
 
     With ``run_dir`` the run is resumable: ``run.json`` holds what defines it (the policy, the
     settings' rounding, the recipe less its length, and the caller's ``identity``, e.g. the dense
-    file and where the rankings came from; a different run's folder is refused), every epoch writes ``checkpoint.pth``, and at the end rank 0
-    writes ``compressed.pth`` (load it with models.load; ``extra`` stored beside) and
-    ``result.json`` (the caller's ``identity`` and ``record``, e.g. the policy, then the figures). With a ``latency_table`` (the
-    one a latency budget was searched with) the table joins the identity and result.json gains the
-    predicted and measured ms and speed-ups of the finetuned model against the dense one.
+    file and where the rankings came from; a different run's folder is refused), every epoch writes
+    ``checkpoint.pth``, and at the end rank 0 writes ``compressed.pth`` (load it with models.load;
+    ``extra`` stored beside) and ``result.json`` (the caller's ``identity`` and ``record``, e.g. the
+    policy, then the figures). With a ``latency_table`` (the one a latency budget was searched with)
+    the table joins the identity and result.json gains the predicted and measured ms and speed-ups
+    of the finetuned model against the dense one.
     Returns result.json's contents."""
     settings, given = settings or SearchSettings(), dict(identity or {})
     identity = {"policy": policy, "round_to": settings.round_to, "fuse": settings.fuse, "rounding": settings.rounding,
-                "recipe": {k: v for k, v in recipe.as_dict().items() if k not in ("epochs", "cooldown_epochs", "log_every", "max_steps")},
+                "recipe": {k: v for k, v in recipe.as_dict().items()
+                           if k not in ("epochs", "cooldown_epochs", "log_every", "max_steps")},
                 **({"latency_table": latency.table_identity(latency_table)} if latency_table is not None else {}),
                 **(identity or {})}
     ckpt_path, state = run_dir and os.path.join(run_dir, "checkpoint.pth"), None

@@ -46,7 +46,6 @@ from timm.layers import PatchEmbed
 from timm.models.eva import EvaBlock
 
 import pruning
-from models import build_model, load
 from utils import UserError
 
 DEFAULT_MODEL = "deit_small_patch16_224"
@@ -84,7 +83,8 @@ def _eva_block_macs(blk, n_tok, gate=True):
     attn = blk.attn
     linears = [m for part in (attn, blk.mlp) for m in part.modules() if isinstance(m, nn.Linear)
                and (gate or m is not getattr(attn, "gate", None))]
-    return n_tok * sum(m.in_features * m.out_features for m in linears) + 2 * n_tok * n_tok * attn.num_heads * attn.head_dim
+    return (n_tok * sum(m.in_features * m.out_features for m in linears)
+            + 2 * n_tok * n_tok * attn.num_heads * attn.head_dim)
 
 
 def _block_macs(blk, n_in, num_prefix):
@@ -200,7 +200,8 @@ def model_macs(model, input_size=None, convention="exact"):
             m, n_tok, fused = _block_macs_original(blk, n_tok, fused, num_prefix)
             macs += m
         return {"macs": int(macs), "params": int(params), "gmacs": macs / 1e9}
-    macs = num_patches * conv.out_channels * (conv.in_channels // conv.groups) * conv.kernel_size[0] * conv.kernel_size[1]
+    macs = (num_patches * conv.out_channels * (conv.in_channels // conv.groups)
+            * conv.kernel_size[0] * conv.kernel_size[1])
     num_prefix = int(getattr(model, "num_prefix_tokens", 1))
     n_tok = num_prefix + num_patches
     for blk in blocks:
@@ -283,7 +284,8 @@ def _original_formula(width, head_dim, n_tokens, schedule, heads_kept, neurons_k
 def _build_parser():
     p = argparse.ArgumentParser(description="GMACs and parameters of a timm ViT or of a compressed-model file, "
                                             "counted exactly and in the original implementation's convention")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="timm ViT name or preset of models.py (built with pretrained=False)")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help="timm ViT name or preset of models.py (built with pretrained=False)")
     p.add_argument("--resume", default="", help="a model file (this tool's, dense or compressed; DeiT/timm "
                    "checkpoints and state dicts with --model NAME); with --policy, the dense model it compresses")
     p.add_argument("--policy", default="", help="count --model compressed by this policy: a published name "
@@ -305,6 +307,7 @@ def _build_parser():
 
 def main(argv=None):
     """The CLI: prints GMACs and params; every failure is one line on stderr and exit code 2."""
+    from models import build_model, load  # the CLI's: counting itself needs only live modules
     args = _build_parser().parse_args(argv)
     try:
         if args.resume:

@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+import flags
 import flops
 import models
 import pruning
@@ -17,7 +18,7 @@ SEARCH = ["--search_epoch", "1", "--search_population", "2", "--criterion-batche
 
 
 def one_line_error(code, err, pattern):
-    lines = [l for l in err.strip().splitlines() if l.strip()]
+    lines = [line for line in err.strip().splitlines() if line.strip()]
     assert code == 2, err
     assert len(lines) >= 1 and lines[-1].startswith("error: ") and "Traceback" not in err, err
     assert pattern in lines[-1], lines[-1]
@@ -291,21 +292,25 @@ def test_flops_cli_one_line_errors(tmp_path, capsys):
 
 def test_help_and_flag_errors_load_no_heavy_library():
     """--help and a bad flag answer before torch, timm and scikit-learn are imported, and the
-    choices main.py spells out for that are the library's own."""
+    choices flags.py spells out for that are the library's own."""
+    import datasets
     import dependency_criterion as dc
     import engine
-    import main
-    assert (main.CRITERIA, main.KERNELS) == (tuple(dc.CRITERIA), tuple(dc.KERNELS))
-    assert (main.SEARCH_OBJECTIVES, main.CONVENTIONS) == (tuple(engine.SEARCH_OBJECTIVES), tuple(flops.CONVENTIONS))
-    assert main.MAGNITUDES == tuple(dc.MAGNITUDES)
-    code = ("import sys, main\nfor argv in (['--help'], ['--criterion', 'nope']):\n    try:\n        print('exit', main.cli(argv))\n"
+    assert set(flags.DATA_SETS) == set(datasets.DATA_SETS) | {"CIFAR"}  # CIFAR: CIFAR100, as in DeiT
+    assert (flags.CRITERIA, flags.KERNELS) == (tuple(dc.CRITERIA), tuple(dc.KERNELS))
+    assert (flags.SEARCH_OBJECTIVES, flags.CONVENTIONS) == (tuple(engine.SEARCH_OBJECTIVES), tuple(flops.CONVENTIONS))
+    assert flags.MAGNITUDES == tuple(dc.MAGNITUDES)
+    code = ("import sys, main\nfor argv in (['--help'], ['--criterion', 'nope']):\n"
+            "    try:\n        print('exit', main.cli(argv))\n"
             "    except SystemExit as e:\n        print('exit', e.code)\n"
-            "print('loaded', sorted(m for m in ('torch', 'timm', 'sklearn', 'torchvision') if m in sys.modules))")
+            "print('loaded', sorted(m for m in ('torch', 'timm', 'sklearn', 'torchvision') if m in sys.modules))\n"
+            "import flops\nprint('flops imports models:', 'models' in sys.modules)")  # counting needs no loader
     res = run_subprocess([PY, "-c", code])
     assert res.returncode == 0, res.stderr
     assert "--search-objective {acc,loss,kl}" in res.stdout
     assert res.stderr.startswith("error: --criterion invalid choice: 'nope'") and res.stderr.count("\n") == 1
-    assert res.stdout.strip().splitlines()[-3:] == ["exit 0", "exit 2", "loaded []"], res.stdout[-300:]
+    assert res.stdout.strip().splitlines()[-4:] == ["exit 0", "exit 2", "loaded []", "flops imports models: False"], \
+        res.stdout[-300:]
 
 
 def test_default_criterion_is_taylor_and_the_paper_setting_ranks_with_hsic():
@@ -343,7 +348,8 @@ def test_non_vit_teacher_and_vit_teacher_at_another_size(tmp_path, pico_dense):
 def test_unreadable_validation_image_is_not_counted(tmp_path, pico_dense):
     root = make_image_folder(tmp_path / "data", classes=[str(i) for i in range(10)], per_class=(2, 2), size=32)
     (tmp_path / "data" / "val" / "0" / "0.png").write_bytes(b"not a png")
-    code, stdout, err = run_cli(["--batch-size", "8", "--num_workers", "0", "--data-path", root, "--eval", "--resume", pico_dense])
+    code, stdout, err = run_cli(["--batch-size", "8", "--num_workers", "0", "--data-path", root, "--eval",
+                                 "--resume", pico_dense])
     assert code == 0, err
     assert json.loads(stdout.strip().splitlines()[-1])["n"] == 19  # 20 images, one unreadable
 

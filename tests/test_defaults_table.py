@@ -1,4 +1,4 @@
-"""Per-data-set defaults come from one table (main.DATA_SET_DEFAULTS): settle applies it, --help
+"""Per-data-set defaults come from one table (flags.DATA_SET_DEFAULTS): settle applies it, --help
 shows it, --data-set X --help shows X's row alone; DeiT-only flags are hidden from --help."""
 import argparse
 import contextlib
@@ -6,6 +6,7 @@ import io
 
 import pytest
 
+import flags
 import main
 
 
@@ -27,9 +28,9 @@ def shown(value):
 
 def test_every_per_data_set_default_is_shown_from_the_table():
     helps = flag_helps()
-    for key in main.DATA_SET_DEFAULTS["IMAGE"]:
+    for key in flags.DATA_SET_DEFAULTS["IMAGE"]:
         assert key in helps, f"--help says nothing of {key}'s per-data-set default"
-        for name, row in main.DATA_SET_DEFAULTS.items():
+        for name, row in flags.DATA_SET_DEFAULTS.items():
             assert shown(row[key]) in helps[key], (key, name, helps[key])
     # a value the data sets share is said once, one that differs once per data set
     assert "(default 0.05)" in helps["weight_decay"]
@@ -39,7 +40,7 @@ def test_every_per_data_set_default_is_shown_from_the_table():
 @pytest.mark.parametrize("data_set", ["CLUTTERED_DIGITS", "DIGITS", "IMNET", "CIFAR10"])
 def test_data_set_help_shows_its_row_alone(data_set):
     text = help_of(["--data-set", data_set.lower()])
-    row = main.data_set_defaults(data_set)
+    row = flags.data_set_defaults(data_set)
     assert f"finetuning epochs (default on {data_set}: {row['finetune_epochs']})" in text
     assert f"(default on {data_set}: {row['model']})" in text
     others = [name for name in ("IMNET", "DIGITS", "CLUTTERED_DIGITS") if name != data_set]
@@ -50,17 +51,17 @@ def test_settle_takes_the_table_and_a_given_flag_wins():
     parse = main.Parser("main.py", parents=[main.get_args_parser()]).parse_args
     for data_set in ("CLUTTERED_DIGITS", "DIGITS"):
         cfg, _ = main.settle(parse(["--data-set", data_set]))
-        for key, value in main.DATA_SET_DEFAULTS[data_set].items():
+        for key, value in flags.DATA_SET_DEFAULTS[data_set].items():
             assert getattr(cfg, key) == value, (data_set, key)
     cfg, _ = main.settle(parse(["--data-set", "CLUTTERED_DIGITS", "--finetune-epochs", "2"]))
     assert cfg.finetune_epochs == 2
 
 
 def test_given_data_set_reads_the_command_line_before_parsing():
-    assert main.given_data_set(["--epochs", "3", "--data_set=cifar"]) == "CIFAR100"
-    assert main.given_data_set(["--data-set", "cluttered_digits", "--help"]) == "CLUTTERED_DIGITS"
-    assert main.given_data_set(["--data-set", "nonsense"]) is None
-    assert main.given_data_set(["--help"]) is None
+    assert flags.given_data_set(["--epochs", "3", "--data_set=cifar"]) == "CIFAR100"
+    assert flags.given_data_set(["--data-set", "cluttered_digits", "--help"]) == "CLUTTERED_DIGITS"
+    assert flags.given_data_set(["--data-set", "nonsense"]) is None
+    assert flags.given_data_set(["--help"]) is None
 
 
 def test_deit_only_flags_are_hidden_but_accepted():

@@ -1,4 +1,4 @@
-"""A flag never silently does nothing: every flag of --help is in main.FLAG_SCOPES, and a flag given
+"""A flag never silently does nothing: every flag of --help is in flags.FLAG_SCOPES, and a flag given
 where it does not act is refused in one line or warned about once; the README's three command lines
 and the flags at their defaults settle with no warning. Nothing here trains or loads a model."""
 import os
@@ -6,6 +6,7 @@ import re
 
 import pytest
 
+import flags
 import main
 import models
 import utils
@@ -27,11 +28,11 @@ def warnings_of(capsys):
 def test_every_flag_of_help_is_in_the_table():
     parser = main.Parser("main.py", parents=[main.get_args_parser()])
     dests = {a.dest for a in parser._actions if a.dest != "help"}
-    missing = sorted(dests - set(main.FLAG_SCOPES))
-    assert not missing, f"flags of --help that main.FLAG_SCOPES does not place: {missing}"
-    assert not set(main.FLAG_SCOPES) - dests, "FLAG_SCOPES names flags that --help no longer has"
-    scopes = main.flag_scopes()
-    assert {s for names in main.FLAG_SCOPES.values() for s in names} <= set(scopes)
+    missing = sorted(dests - set(flags.FLAG_SCOPES))
+    assert not missing, f"flags of --help that flags.FLAG_SCOPES does not place: {missing}"
+    assert not set(flags.FLAG_SCOPES) - dests, "FLAG_SCOPES names flags that --help no longer has"
+    scopes = flags.flag_scopes()
+    assert {s for names in flags.FLAG_SCOPES.values() for s in names} <= set(scopes)
     assert all(action in ("refuse", "warn") for action, _, _ in scopes.values())
 
 
@@ -53,7 +54,7 @@ def test_the_seed_command_lines_settle_with_no_warning(monkeypatch, tmp_path, ca
     assert "--eval" in search and "--search" in search
     for argv, mode in ((pretrain, "train"), (search, "search"), (prune, "prune_finetune")):
         cfg = settle(argv)
-        assert main.run_mode(cfg) == mode
+        assert flags.run_mode(cfg) == mode
         assert warnings_of(capsys) == [], argv
 
 

@@ -11,6 +11,7 @@ from timm.layers import DropPath
 import datasets
 import engine
 import flops
+import flags
 import main
 import models
 import pruning
@@ -71,7 +72,7 @@ def test_set_drop_path_is_timms_schedule():
 
 def test_paper_recipe_settles_every_value_unless_a_flag_is_given():
     cfg, _ = main.settle(main.get_args_parser().parse_args(["--recipe", "paper"]))
-    paper = main.paper_settings()
+    paper = flags.paper_settings()
     assert {k: getattr(cfg, k) for k in paper} == paper
     recipe = main.make_recipe(cfg, 1, finetune=True)
     assert recipe.model_ema is True and recipe.drop_path == 0.1 and recipe.distillation == "none"
