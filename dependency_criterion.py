@@ -667,7 +667,8 @@ def criterion_kwargs(criterion="hsic", hsic_kernel="scaled", criterion_batches=1
         return dict(original_criterion_kwargs(), num_batches=criterion_batches, seed=seed)
     kw = dict(criterion=criterion, num_batches=criterion_batches, head_lambda=head_lambda, neuron_alpha=neuron_alpha,
               seed=seed, head_normalize=head_normalize)
-    kw.update({k: v for k, v, default in (("head_alpha", head_alpha, 1.0), ("magnitude", neuron_magnitude, "activation"),
+    kw.update({k: v for k, v, default in (("head_alpha", head_alpha, 1.0),
+                                          ("magnitude", neuron_magnitude, "activation"),
                                           ("bandwidth", hsic_bandwidth, None)) if v != default})
     return kw
 

@@ -365,7 +365,8 @@ def measure_table(dense, device, batch_size, dtype=torch.float32, round_to=8, fu
         raise TableError(f"latency tables are measured in the {' or '.join(RUNTIMES)} runtime, not {runtime!r}")
     check_measurable(dense)
     device = torch.device(device)
-    unit_timer, model_timer = (timer, timer) if timer else (default_timer(device, rounds=3), default_timer(device, rounds=5))
+    unit_timer, model_timer = ((timer, timer) if timer
+                               else (default_timer(device, rounds=3), default_timer(device, rounds=5)))
     dense = dense.eval()
     dims = pruning.model_dims(dense)
     if getattr(dense, "prune_spec", None) is not None:
@@ -380,10 +381,12 @@ def measure_table(dense, device, batch_size, dtype=torch.float32, round_to=8, fu
         del items
         table = {"version": TABLE_VERSION, "key": table_key(device, dtype, batch_size, runtime), "arch": _arch(dims),
                  "fuse": fuse, "tokens": tokens,
-                 "attn": {"heads": heads, "ms": _monotone([[unit["attn", h, n] for n in tokens] for h in heads]).tolist()},
+                 "attn": {"heads": heads,
+                          "ms": _monotone([[unit["attn", h, n] for n in tokens] for h in heads]).tolist()},
                  "reduce": {"heads": heads,
                             "ms": _monotone([[unit["reduce", h, n] for n in tokens] for h in heads]).tolist()},
-                 "mlp": {"widths": widths, "ms": _monotone([[unit["mlp", w, n] for n in tokens] for w in widths]).tolist()},
+                 "mlp": {"widths": widths,
+                         "ms": _monotone([[unit["mlp", w, n] for n in tokens] for w in widths]).tolist()},
                  "stem_ms": float(unit["stem", None, None]),
                  "head": {"tokens": tokens, "ms": _monotone([unit["head", None, n] for n in tokens]).tolist()},
                  "calibration": {"scale": 1.0, "offset": 0.0}}
@@ -468,7 +471,8 @@ def obtain_table(dense, path, device, batch_size, dtype=torch.float32, round_to=
     err = table["calibration"]["error_after"]
     dense_ms = predict_ms(table, dims, np.zeros(2 * dims["depth"] + 1), round_to)
     logger.info(f"latency table measured on {describe(table)}: dense {dense_ms:.4g} ms per batch; calibration error "
-                f"median {100 * err['median']:.1f}%, worst {100 * err['max']:.1f}%" + (f"; written to {path}" if path else ""))
+                f"median {100 * err['median']:.1f}%, worst {100 * err['max']:.1f}%"
+                + (f"; written to {path}" if path else ""))
     return table, "measured"
 
 
@@ -542,7 +546,8 @@ def _main(argv=None):
           f"(scale {cal['scale']:.3f}, offset {cal['offset']:.3g} ms)")
     if args.validate:
         dense_ms = predict_ms(table, dims, np.zeros(2 * dims["depth"] + 1), args.round_to)
-        sampler = ei.FeasibleSampler(lambda X: predict_ms(table, dims, X, args.round_to), dense_ms / args.validate_speedup,
+        sampler = ei.FeasibleSampler(lambda X: predict_ms(table, dims, X, args.round_to),
+                                     dense_ms / args.validate_speedup,
                                      2 * dims["depth"] + 1, upper=0.5, tol=0.05, unit="ms")
         X = sampler.sample(args.validate, np.random.default_rng(args.seed + 1))
         res = validate(table, dense, X, device, dtype, args.round_to, args.fuse)

@@ -194,7 +194,8 @@ def attn_pool_dims(model):
     if pool is None:
         return None
     if type(pool) is not AttentionPoolLatent:
-        raise SpecError(f"attention pool {type(pool).__name__} (timm global_pool={getattr(model, 'global_pool', None)!r}) "
+        raise SpecError(f"attention pool {type(pool).__name__} "
+                        f"(timm global_pool={getattr(model, 'global_pool', None)!r}) "
                         f"is not supported: only AttentionPoolLatent (global_pool='map') is counted and compressed")
     mlp = pool.mlp
     if mlp is not None and not (type(mlp) is Mlp and isinstance(mlp.fc1, nn.Linear) and isinstance(mlp.fc2, nn.Linear)):
@@ -677,7 +678,8 @@ def validate_spec(spec, dims):
     if list(blocks) != sorted(set(blocks)):
         raise SpecError(f"token-reducing blocks {list(blocks)} must be distinct and increasing")
     for rate in rates:
-        if isinstance(rate, bool) or not isinstance(rate, (int, float, np.integer, np.floating)) or not 0.0 < rate <= 1.0:
+        if (isinstance(rate, bool) or not isinstance(rate, (int, float, np.integer, np.floating))
+                or not 0.0 < rate <= 1.0):
             raise SpecError(f"token keep rate {rate!r} is outside (0, 1]")
     fuse = tokens.get("fuse", "mean")
     if fuse not in FUSE_MODES:
@@ -798,7 +800,7 @@ def apply_spec(model, spec):
                 raise SpecError(f"token reduction supports timm Block exactly, not {type(blocks[b]).__name__}")
     for blk in blocks:  # drop an earlier token schedule
         if isinstance(blk, TokenReducingBlock):
-            _restore_block(blk)
+            restore_block(blk)
     with torch.no_grad():
         for b, blk in enumerate(blocks):
             if isinstance(blk, EvaBlock):
@@ -809,7 +811,7 @@ def apply_spec(model, spec):
     tokens = spec["tokens"]
     if tokens is not None:
         for b, rate in zip(tokens["blocks"], tokens["keep_rates"]):
-            _make_reducing(blocks[b], kept_tokens(dims["num_patches"], rate), dims["num_prefix_tokens"],
+            make_reducing(blocks[b], kept_tokens(dims["num_patches"], rate), dims["num_prefix_tokens"],
                            tokens["fuse"], token_score_kind(dims))
     _guard_intermediates(model, tokens is not None)
     model.prune_spec = spec
@@ -914,7 +916,7 @@ def reduce_tokens(x, score, num_prefix, keep, fuse="mean"):
 class TokenReducingBlock(Block):
     """A timm ``Block`` that reduces tokens between its attention and MLP branches.
 
-    Instances are made by swapping the class of an existing Block (``_make_reducing``); the extra
+    Instances are made by swapping the class of an existing Block (``make_reducing``); the extra
     attributes are ``token_keep`` (kept non-prefix tokens), ``token_prefix``, ``token_fuse`` and
     ``token_score`` (``TOKEN_SCORES``: "class", or "received" in a model without a class token).
     """
@@ -934,7 +936,7 @@ class TokenReducingBlock(Block):
         return f"token_keep={self.token_keep}, token_fuse={self.token_fuse}, token_score={self.token_score}"
 
 
-def _make_reducing(blk, keep, num_prefix, fuse, score="class"):
+def make_reducing(blk, keep, num_prefix, fuse, score="class"):
     if type(blk) is not Block and type(blk) is not TokenReducingBlock:
         raise SpecError(f"token reduction supports timm Block exactly, not {type(blk).__name__}")
     blk.__class__ = TokenReducingBlock
@@ -984,7 +986,7 @@ def _set_input_size_tokens(self, img_size=None, patch_size=None):
     return type(self).set_input_size(self, img_size=img_size, patch_size=patch_size)
 
 
-def _restore_block(blk):
+def restore_block(blk):
     blk.__class__ = Block
     for name in ("token_keep", "token_prefix", "token_fuse", "token_score"):
         if name in blk.__dict__:

@@ -119,7 +119,8 @@ def get_parser():
     g.add_argument("--monitor-val", type=int, default=540,
                    help="val images (every k-th) evaluated after each training epoch, for the logs only; "
                         "the recorded figures always use --val-limit (all 5,400 by default)")
-    g.add_argument("--val-limit", type=int, default=None, help="evaluate on every k-th val image, N in all (smoke runs)")
+    g.add_argument("--val-limit", type=int, default=None,
+                   help="evaluate on every k-th val image, N in all (smoke runs)")
     g.add_argument("--max-steps", type=int, default=None, help="cap training steps per epoch (smoke runs)")
     g.add_argument("--threads", type=int, default=2)
     return p
@@ -467,8 +468,8 @@ class Bench:
                    tag=f"  policy {i}", device=self.cpu)
         after = engine.evaluate(self.val, model, self.cpu)["acc1"]
         return {"i": i, "vector": [float(v) for v in x], "gmacs": flops.model_macs(model)["macs"] / 1e9,
-                "acc": stats["acc1"], "loss": stats["loss"], "kl": stats["kl"], "val_before": before, "val_after": after,
-                "study_epochs": a.study_epochs, "dense": os.path.abspath(self.dense_file)}
+                "acc": stats["acc1"], "loss": stats["loss"], "kl": stats["kl"], "val_before": before,
+                "val_after": after, "study_epochs": a.study_epochs, "dense": os.path.abspath(self.dense_file)}
 
 
 def objective_study(a, bench):
@@ -489,7 +490,8 @@ def objective_study(a, bench):
         rows.append(row)
         eta = (time.time() - t0) / (n + 1) * (len(todo) - n - 1)
         logger.info(f"objective study [{n + 1}/{len(todo)}] policy {i}: acc {row['acc']:.2f} loss {row['loss']:.4f} "
-                    f"kl {row['kl']:.4f}; val {row['val_before']:.2f} -> {row['val_after']:.2f} (eta {utils.format_seconds(eta)})")
+                    f"kl {row['kl']:.4f}; val {row['val_before']:.2f} -> {row['val_after']:.2f} "
+                    f"(eta {utils.format_seconds(eta)})")
     rows = sorted(rows, key=lambda r: r["i"])
     lines = [f"Search scores of {len(rows)} random feasible policies at {100 * budget:g}% fewer GMACs (HSIC rankings, "
              f"seed-0 hold-out of {a.holdout} training images) against val top-1 ({len(bench.val.dataset)} images) "
@@ -520,7 +522,8 @@ def table(rows):
     dense = [r for r in rows if r.get("dense_acc1") is not None]
     for budget in sorted({r["budget"] for r in rows}):
         for variant in VARIANTS:
-            sel = sorted([r for r in rows if r["budget"] == budget and r["variant"] == variant], key=lambda r: r["seed"])
+            sel = sorted([r for r in rows if r["budget"] == budget and r["variant"] == variant],
+                         key=lambda r: r["seed"])
             if not sel:
                 continue
             col = lambda k: mean_sd([r.get(k) for r in sel])  # noqa: E731
@@ -541,7 +544,8 @@ def table(rows):
             s = mean_sd([(r["rank_seconds"] or 0) + (r["search_seconds"] or 0) for r in sel])
             lines.append(f"| {100 * budget:g}% | {name} | {fmt(*col('acc1_before'))} | {fmt(*col('acc1_after'))} | "
                          f"{g[0]:.5f} | {100 * rem[0]:.1f}% | {par[0] / 1e6:.3f} | {fmt(*col('images_per_s'), 0)} | "
-                         f"{col('speedup')[0]:.2f}x | {s[0]:.0f} | {len(sel)} ({','.join(str(r['seed']) for r in sel)}) |")
+                         f"{col('speedup')[0]:.2f}x | {s[0]:.0f} | "
+                         f"{len(sel)} ({','.join(str(r['seed']) for r in sel)}) |")
     head = ""
     if dense:
         d = dense[0]
@@ -605,7 +609,8 @@ def main(argv=None):
         utils.append_jsonl(out_path, row)
         elapsed = time.time() - t0
         eta = elapsed / (i + 1) * (len(todo) - i - 1)
-        logger.info(f"[{i + 1}/{len(todo)}] {row['key']}: val top-1 {row['acc1_before']:.2f} -> {row['acc1_after']:.2f} "
+        logger.info(f"[{i + 1}/{len(todo)}] {row['key']}: val top-1 {row['acc1_before']:.2f} "
+                    f"-> {row['acc1_after']:.2f} "
                     f"at {row['gmacs']:.5f} GMACs ({100 * row['removed']:.1f}% fewer), {row['images_per_s']:.0f} "
                     f"images/s ({row['speedup']:.2f}x dense), unit {utils.format_seconds(row['unit_seconds'])}; "
                     f"elapsed {utils.format_seconds(elapsed)}, eta {utils.format_seconds(eta)}")

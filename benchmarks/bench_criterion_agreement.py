@@ -88,7 +88,8 @@ def main():
         rankings = dc.rank_components(s)
         row = []
         for head, neuron in ((0.5, 0.5), (0.25, 0.25), (0.5, 0.0), (0.0, 0.5)):
-            spec = pruning.policy_to_spec(pruning.uniform_policy(dims["depth"], head=head, neuron=neuron), rankings, dims)
+            spec = pruning.policy_to_spec(pruning.uniform_policy(dims["depth"], head=head, neuron=neuron),
+                                          rankings, dims)
             pruned = pruning.apply_spec(copy.deepcopy(model), spec)
             row.append(f"{engine.evaluate(val_loader, pruned, torch.device('cpu'))['acc1']:.1f} / "
                        f"{engine.evaluate(tune_loader, pruned, torch.device('cpu'))['acc1']:.1f}")

@@ -92,9 +92,10 @@ def main():
     d = dc
     rows = [
         (f"hsic (defaults: {d.DEFAULT_BANDWIDTH} bandwidth, lambda {d.DEFAULT_HEAD_LAMBDA}, "
-         f"head_normalize {d.DEFAULT_HEAD_NORMALIZE}, alpha {d.DEFAULT_NEURON_ALPHA}, {args.criterion_batches} batches)",
+         f"head_normalize {d.DEFAULT_HEAD_NORMALIZE}, alpha {d.DEFAULT_NEURON_ALPHA}, "
+         f"{args.criterion_batches} batches)",
          [hsic_rank()]),
-        (f"hsic, paper options (multi bandwidth, lambda 0.1, alpha 0.1, 1 batch)",
+        ("hsic, paper options (multi bandwidth, lambda 0.1, alpha 0.1, 1 batch)",
          [hsic_rank(nb=1, bw="multi", lam=0.1, alpha=0.1, norm=False)]),
         ("hsic relevance only (lambda 0, alpha 1)", [hsic_rank(lam=0.0, alpha=1.0, norm=False)]),
         ("mean |activation| only for neurons (alpha 0)", [hsic_rank(alpha=0.0)]),
@@ -129,7 +130,8 @@ def main():
                         continue  # normalisation then only rescales relevance: same as norm relevance below
                     line(f"batches {nb}, {bw}, lambda {lam}, head_normalize {norm}, alpha 0.1",
                          hsic_rank(nb, bw, lam, 0.1, norm))
-            line(f"batches {nb}, {bw}, relevance/sqrt(self) only (lambda 0, normalised)", hsic_rank(nb, bw, 0.0, 0.1, True))
+            line(f"batches {nb}, {bw}, relevance/sqrt(self) only (lambda 0, normalised)",
+                 hsic_rank(nb, bw, 0.0, 0.1, True))
             for alpha in (0.0, 0.5, 1.0):
                 line(f"batches {nb}, {bw}, lambda 0.1, alpha {alpha}", hsic_rank(nb, bw, 0.1, alpha, False))
 

@@ -68,7 +68,8 @@ RANKINGS = {
 
 def get_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model-file", required=True, help="dense model or training checkpoint (any format models.load reads)")
+    p.add_argument("--model-file", required=True,
+                   help="dense model or training checkpoint (any format models.load reads)")
     p.add_argument("--data-set", default="CLUTTERED_DIGITS", choices=["DIGITS", "CLUTTERED_DIGITS"])
     p.add_argument("--out", required=True, help="output folder (keep it out of git)")
     p.add_argument("--rankings", default=",".join(RANKINGS), help=f"comma-separated, of {','.join(RANKINGS)}")
@@ -186,12 +187,14 @@ def write_tables(out, rows, dense_row, oracle=None):
         lines.append("")
     lines += ["stability: mean Spearman rho of the scores between calibration sets; agreement: mean Spearman rho "
               "of the head scores with the leave-one-head-out increase of the tune loss", "",
-              "| ranking | stability, heads | stability, neurons | head agreement with the oracle |", "|---|---|---|---|"]
+              "| ranking | stability, heads | stability, neurons | head agreement with the oracle |",
+              "|---|---|---|---|"]
     show = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
     for name in names:
         mine = [r["scores"] for r in rows if r["ranking"] == name]
         agree = oracle_agreement(mine, oracle) if oracle else None
-        lines.append(f"| {name} | {show(stability(mine, 'heads'))} | {show(stability(mine, 'neurons'))} | {show(agree)} |")
+        lines.append(f"| {name} | {show(stability(mine, 'heads'))} | {show(stability(mine, 'neurons'))} | "
+                     f"{show(agree)} |")
     text = "\n".join(lines)
     with open(os.path.join(out, "study.md"), "w") as f:
         f.write(text + "\n")
@@ -226,8 +229,8 @@ def main(argv=None):
     shapes = shapes_of(dims, a.round_to)
     if not dense_rows:
         dense_row = {"ranking": "dense", "val": engine.evaluate(val_loader, model, cpu)["acc1"],
-                     "tune": engine.evaluate(tune_loader, model, cpu)["acc1"], "n_val": len(val), "n_tune": len(tune_idx),
-                     "model_file": os.path.abspath(a.model_file)}
+                     "tune": engine.evaluate(tune_loader, model, cpu)["acc1"], "n_val": len(val),
+                     "n_tune": len(tune_idx), "model_file": os.path.abspath(a.model_file)}
         utils.append_jsonl(path, dense_row)
         dense_rows = [dense_row]
     elif dense_rows[0]["model_file"] != os.path.abspath(a.model_file):

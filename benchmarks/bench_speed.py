@@ -109,7 +109,8 @@ def main():
         if name != "dense":
             spec = m.prune_spec
             print(f"{name}: heads/block {[len(h) for h in spec['heads']]}, neurons/block "
-                  f"{[len(n) for n in spec['neurons']]}, tokens {spec['tokens']['keep_rates'] if spec['tokens'] else None}"
+                  f"{[len(n) for n in spec['neurons']]}, "
+                  f"tokens {spec['tokens']['keep_rates'] if spec['tokens'] else None}"
                   f" -> kept {[b.token_keep for b in m.blocks if hasattr(b, 'token_keep')]}", flush=True)
 
     dtype = engine.inference_dtype(device, "bfloat16")  # bf16 weights and input on CUDA, float32 elsewhere
@@ -122,7 +123,8 @@ def main():
         if args.onnxruntime:
             runners.update(export_runners(models_, args, args.onnx_dir or tmp, x))
         times = {eng: {name: [] for name in models_} for eng in runners}
-        order = [(eng, name) for name in models_ for eng in runners]  # interleaved: every model and engine once per round
+        # interleaved: every model and engine once per round
+        order = [(eng, name) for name in models_ for eng in runners]
         with torch.inference_mode():
             for rep in range(args.repeats):  # one round per call keeps every repeat's times (paired medians)
                 ms = latency.time_calls([runners[eng][name] for eng, name in order], device, rounds=1, reps=1,

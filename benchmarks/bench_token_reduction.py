@@ -30,7 +30,8 @@ import pruning  # noqa: E402
 
 def reference():
     """The old reduce_tokens and attention_with_class_row, kept verbatim in the test file."""
-    spec = importlib.util.spec_from_file_location("token_reference", os.path.join(ROOT, "tests", "test_token_reduction.py"))
+    spec = importlib.util.spec_from_file_location("token_reference",
+                                                  os.path.join(ROOT, "tests", "test_token_reduction.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return {"attention_with_class_row": mod.attention_with_class_row, "reduce_tokens": mod.reduce_tokens}
@@ -89,7 +90,7 @@ def main():
     old = reference()
 
     blk = Block(a.dim, a.heads, mlp_ratio=4.0, qkv_bias=True).to(device).eval()
-    pruning._make_reducing(blk, a.keep, 1, a.fuse)
+    pruning.make_reducing(blk, a.keep, 1, a.fuse)
     x = torch.randn(a.batch_size, a.tokens, a.dim, device=device)
     score = torch.softmax(torch.randn(a.batch_size, a.tokens - 1, device=device), dim=1)
     print(f"block: {a.tokens} tokens x {a.dim} channels, {a.heads} heads, keep {a.keep}, fuse {a.fuse}, "

@@ -108,7 +108,8 @@ def main(argv=None):
                 log.write(json.dumps(rec) + "\n")
                 log.flush()
     total = time.time() - t0
-    summary = {"model": a.model, "depth": len(model.blocks), "embed_dim": model.embed_dim, "input_size": a.input_size, "epochs": a.epochs, "train_repeats": a.train_repeats,
+    summary = {"model": a.model, "depth": len(model.blocks), "embed_dim": model.embed_dim, "input_size": a.input_size,
+               "epochs": a.epochs, "train_repeats": a.train_repeats,
                "batch_size": a.batch_size, "lr": a.lr, "seed": a.seed, "composition": comp, "val_images": stats["n"],
                "val_acc1": round(stats["acc1"], 2), "seconds": round(total, 1),
                "train_seconds_per_epoch": round(train_seconds / a.epochs, 2), "threads": a.threads,

@@ -118,7 +118,8 @@ def test_deterministic_for_seed_and_epoch(val):
     assert not any(torch.equal(x[0], a[i][0]) for x, i in zip(first, idx))
     # the same digit composed twice in one epoch (train_repeats) is placed differently
     assert a.layout(5)["digit"] == a.layout(5 + 1437)["digit"]
-    assert a.layout(5)["box"] != a.layout(5 + 1437)["box"] or a.layout(5)["fragments"] != a.layout(5 + 1437)["fragments"]
+    assert (a.layout(5)["box"] != a.layout(5 + 1437)["box"]
+            or a.layout(5)["fragments"] != a.layout(5 + 1437)["fragments"])
     # fixed sets ignore set_epoch and the training seed
     plain = datasets.build_cluttered_digits(True, 64, seed=1, fresh=False)
     before = plain[11][0].clone()

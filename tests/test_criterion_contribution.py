@@ -23,8 +23,10 @@ def reference_sizes(model, batches):
     inputs = {}
     hooks = []
     for i, blk in enumerate(model.blocks):
-        hooks.append(blk.attn.proj.register_forward_hook(lambda m, a, o, i=i: inputs.setdefault(("h", i), []).append(a[0])))
-        hooks.append(blk.mlp.fc2.register_forward_hook(lambda m, a, o, i=i: inputs.setdefault(("n", i), []).append(a[0])))
+        hooks.append(blk.attn.proj.register_forward_hook(
+            lambda m, a, o, i=i: inputs.setdefault(("h", i), []).append(a[0])))
+        hooks.append(blk.mlp.fc2.register_forward_hook(
+            lambda m, a, o, i=i: inputs.setdefault(("n", i), []).append(a[0])))
     with torch.no_grad():
         for images, _ in batches:
             model(images)

@@ -362,7 +362,8 @@ def _dist_worker(rank, world, port, out_dir):
         shard = make_batches(4, 6)[rank::world]
         s = dc.compute_scores(model, shard, num_batches=len(shard))
         sized = dc.compute_scores(model, shard, num_batches=len(shard), head_alpha=0.5, magnitude="contribution")
-        torch.save({"scores": s, "ranks": dc.rank_components(s), "sized": sized}, os.path.join(out_dir, f"rank{rank}.pt"))
+        torch.save({"scores": s, "ranks": dc.rank_components(s), "sized": sized},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 

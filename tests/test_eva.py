@@ -75,8 +75,10 @@ def counted_macs(model, size=32, batch=2):
 # ------------------------------------------------------------------------------------------------
 
 def test_eva02_names_build_what_is_tested():
-    expect = {"eva02_tiny_patch14_224": (EvaAttention, GluMlp, True), "eva02_small_patch14_224": (EvaAttention, GluMlp, True),
-              "eva02_base_patch14_224": (EvaAttention, SwiGLU, False), "eva02_large_patch14_224": (EvaAttention, SwiGLU, False),
+    expect = {"eva02_tiny_patch14_224": (EvaAttention, GluMlp, True),
+              "eva02_small_patch14_224": (EvaAttention, GluMlp, True),
+              "eva02_base_patch14_224": (EvaAttention, SwiGLU, False),
+              "eva02_large_patch14_224": (EvaAttention, SwiGLU, False),
               "eva02_base_patch16_clip_224": (EvaAttention, SwiGLU, False)}
     for name, (attn, mlp, fused) in expect.items():
         with torch.device("meta"):
@@ -242,7 +244,8 @@ def taylor_reference(model, data, eps=1e-5):
     out = {"heads": [], "neurons": []}
     for blk in model.blocks:
         hd = blk.attn.head_dim
-        for key, module, cols in (("heads", blk.attn.proj, [slice(h * hd, (h + 1) * hd) for h in range(blk.attn.num_heads)]),
+        for key, module, cols in (("heads", blk.attn.proj,
+                                   [slice(h * hd, (h + 1) * hd) for h in range(blk.attn.num_heads)]),
                                   ("neurons", blk.mlp.fc2, [slice(j, j + 1) for j in range(module_width(blk.mlp))])):
             scores = torch.zeros(len(cols), dtype=torch.float64)
             for c, col in enumerate(cols):
@@ -303,7 +306,8 @@ def test_eva_other_criteria_rank_every_head_and_neuron(criterion):
 def test_eva_token_reduction_is_refused_in_one_line():
     dense = make_eva()
     dims = pruning.model_dims(dense)
-    ranks = {"heads": [list(range(h)) for h in dims["num_heads"]], "neurons": [list(range(m)) for m in dims["mlp_hidden"]]}
+    ranks = {"heads": [list(range(h)) for h in dims["num_heads"]],
+             "neurons": [list(range(m)) for m in dims["mlp_hidden"]]}
     spec = pruning.policy_to_spec(pruning.uniform_policy(2, head=0.25, token=0.3), ranks, dims)
     before = copy.deepcopy(dense.state_dict())
     with pytest.raises(pruning.SpecError, match="EVA models cannot reduce tokens") as err:

@@ -64,7 +64,7 @@ def without_token_reduction(model):
     plain = copy.deepcopy(model)
     for blk in plain.blocks:
         if isinstance(blk, pruning.TokenReducingBlock):
-            pruning._restore_block(blk)
+            pruning.restore_block(blk)
     return plain
 
 

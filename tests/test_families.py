@@ -22,7 +22,7 @@ import flops
 import models
 import pruning
 from pruning import SpecError, apply_spec, model_dims, policy_from_vector, policy_to_spec, uniform_policy
-from test_pruning import head_rows, masked_reference
+from test_pruning import assert_grads_are_the_kept_rows, masked_reference
 
 SMALL = dict(patch_size=8, embed_dim=48, depth=4, num_heads=4)
 # family: (timm name, extra keyword arguments); every one built by name with pretrained=False
@@ -157,22 +157,7 @@ def test_sliced_equals_masked_forward_backward(family):
     w = torch.randn_like(out)
     (out_ref * w).sum().backward()
     (out * w).sum().backward()
-    ref_params = dict(ref.named_parameters())
-    for name, p in pruned.named_parameters():
-        g_ref, parts = ref_params[name].grad, name.split(".")
-        if name.startswith("blocks.") and parts[-2] in ("qkv", "proj", "fc1", "fc2"):
-            b = int(parts[1])
-            chan, rows = head_rows(spec["heads"][b], dims["num_heads"][b], dims["head_dim"])
-            neurons = torch.tensor(spec["neurons"][b], dtype=torch.long)
-            if parts[-2] == "qkv":
-                g_ref = g_ref.index_select(0, rows)
-            elif parts[-2] == "proj" and parts[-1] == "weight":
-                g_ref = g_ref.index_select(1, chan)
-            elif parts[-2] == "fc1":
-                g_ref = g_ref.index_select(0, neurons)
-            elif parts[-2] == "fc2" and parts[-1] == "weight":
-                g_ref = g_ref.index_select(1, neurons)
-        torch.testing.assert_close(p.grad, g_ref, msg=name)
+    assert_grads_are_the_kept_rows(pruned, ref, spec, dims)
 
 
 # ------------------------------------------------------------------------------------------------

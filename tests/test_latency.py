@@ -69,8 +69,8 @@ class FakeTimer:
                 dims = pruning.model_dims(self.dense)
                 ident = {"heads": [list(range(h)) for h in dims["num_heads"]],
                          "neurons": [list(range(m)) for m in dims["mlp_hidden"]]}
-                model = pruning.slice_model(self.dense, pruning.policy_from_vector(desc["policy"], dims["depth"]), ident,
-                                            self.round_to)
+                model = pruning.slice_model(self.dense, pruning.policy_from_vector(desc["policy"], dims["depth"]),
+                                            ident, self.round_to)
                 ms = self.scale * direct_ms(model) + self.offset
             out.append(ms)
         return out
@@ -207,7 +207,8 @@ def test_an_unreachable_speedup_says_what_is_reachable(dense_ckpt, tmp_path):
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert code == 2 and len(errors) == 1 and err.endswith(errors[0] + "\n"), err
     assert "a speed-up of 40x is not reachable" in errors[0] and "reach at most" in errors[0]
-    code, _, err = run_cli(FAST + SEARCH + ["--search-speedup", "2", "--search-reduction", "0.4", "--resume", dense_ckpt])
+    code, _, err = run_cli(FAST + SEARCH + ["--search-speedup", "2", "--search-reduction", "0.4",
+                                            "--resume", dense_ckpt])
     assert code == 2 and "give one budget" in err
     code, _, err = run_cli(FAST + ["--latency-table", table, "--resume", dense_ckpt, "--eval"])
     assert code == 2 and "apply to a latency budget" in err

@@ -17,7 +17,7 @@ def test_output_dir_inside_another_run_is_refused(tmp_path, marker, sub):
     (run / marker).write_text("{}")
     target = run / sub
     code, out, err = run_cli(FAST + ["--epochs", "1", "--max-steps", "1", "--output_dir", target])
-    lines = [l for l in err.splitlines() if l.strip()]
+    lines = [line for line in err.splitlines() if line.strip()]
     assert code == 2, err
     assert len(lines) == 1 and lines[0].startswith("error:") and "inside another run's folder" in lines[0], err
     assert marker in lines[0]

@@ -1,6 +1,6 @@
 """The seed README's three commands in a row, prune+finetune resume, the one-command pipeline."""
 import json
-import os
+import shutil
 import sys
 
 import pytest
@@ -19,15 +19,45 @@ def _launch(args):
                            f"--master_port={utils.free_port()}", "main.py"] + args, timeout=400)
 
 
-def test_seed_commands_end_to_end(tmp_path):
-    import flops
-    data = make_image_folder(str(tmp_path / "imagenet"), classes=("n01", "n02", "n03"), per_class=(16, 4))
-    logs = tmp_path / "logs"
-    common = ["--model", "vit_pico_patch8_32", "--batch-size", "4", "--data-path", data, "--output_dir", logs,
-              "--dist-eval", "--input-size", "32", "--num_workers", "0"]
-    res = _launch(common + ["--epochs", "2"])
+@pytest.fixture(scope="module")
+def seed_pretrained(tmp_path_factory):
+    """The seed README's pretrain line under torch.distributed.launch (2 processes), once for the
+    tests of its two other lines: (image folder, the pretrain run's folder)."""
+    root = tmp_path_factory.mktemp("seed")
+    data = make_image_folder(str(root / "imagenet"), classes=("n01", "n02", "n03"), per_class=(16, 4))
+    logs = root / "logs"
+    res = _launch(_seed_common(data, logs) + ["--epochs", "2"])
     assert res.returncode == 0, res.stderr[-3000:]
-    os.replace(logs / "checkpoint.pth", logs / "deit_small.pth")
+    return data, logs
+
+
+def _seed_common(data, logs):
+    return ["--model", "vit_pico_patch8_32", "--batch-size", "4", "--data-path", data, "--output_dir", logs,
+            "--dist-eval", "--input-size", "32", "--num_workers", "0"]
+
+
+def _dense_copy(seed_pretrained, tmp_path):
+    """A run folder of its own holding the pretrained model as the seed's ./logs/deit_small.pth."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    shutil.copy(seed_pretrained[1] / "checkpoint.pth", logs / "deit_small.pth")
+    return seed_pretrained[0], logs
+
+
+def test_seed_pretrain_command_trains_the_deit_recipe(seed_pretrained):
+    """Two epochs logged once each (rank 0 alone writes), every val image counted once across the
+    2 processes (--dist-eval), the DeiT recipe of an image data set (model EMA on)."""
+    logs = seed_pretrained[1]
+    log = [json.loads(line) for line in (logs / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [0, 1] and all(r["test_n"] == 12 for r in log)
+    ckpt = torch.load(logs / "checkpoint.pth", weights_only=True)
+    assert ckpt["args"]["data_set"] == "IMNET" and ckpt["model_ema"] is not None
+
+
+def test_seed_commands_end_to_end(seed_pretrained, tmp_path):
+    import flops
+    data, logs = _dense_copy(seed_pretrained, tmp_path)
+    common = _seed_common(data, logs)
     dense_gmacs = flops.model_macs(__import__("models").load_model_file(str(logs / "deit_small.pth"))[0])["macs"] / 1e9
     target = round(dense_gmacs * 0.6, 6)
     res = _launch(common + ["--resume", logs / "deit_small.pth", "--eval", "--search", "--search_epoch", "3",
@@ -121,18 +151,13 @@ def test_pipeline_smoke(tmp_path):
 
 
 @pytest.mark.slow
-def test_seed_commands_in_the_papers_setting(tmp_path):
+def test_seed_commands_in_the_papers_setting(seed_pretrained, tmp_path):
     """The seed's three command lines verbatim plus the paper-setting options, 2 processes."""
     import flops
     import models
-    data = make_image_folder(str(tmp_path / "imagenet"), classes=("n01", "n02", "n03"), per_class=(16, 4))
-    logs = tmp_path / "logs"
-    common = ["--model", "vit_pico_patch8_32", "--batch-size", "4", "--data-path", data, "--output_dir", logs,
-              "--dist-eval", "--input-size", "32", "--num_workers", "0"]
+    data, logs = _dense_copy(seed_pretrained, tmp_path)
+    common = _seed_common(data, logs)
     paper = ["--hsic-kernel", "original", "--flops-convention", "original", "--search-on-val"]
-    res = _launch(common + ["--epochs", "1"])
-    assert res.returncode == 0, res.stderr[-3000:]
-    os.replace(logs / "checkpoint.pth", logs / "deit_small.pth")
     dense, _ = models.load_model_file(str(logs / "deit_small.pth"))
     target = round(0.6 * flops.model_macs(dense, convention="original")["macs"] / 1e9, 6)
     res = _launch(common + paper + ["--resume", logs / "deit_small.pth", "--eval", "--search", "--search_epoch", "2",

@@ -60,6 +60,28 @@ def head_rows(spec_heads, num_heads, hd):
     return chan, torch.cat([chan + p * num_heads * hd for p in range(3)])
 
 
+def assert_grads_are_the_kept_rows(pruned, ref, spec, dims):
+    """Every gradient of the sliced model equals the masked dense model's (``ref``, after the same
+    backward) at the kept heads' qkv rows and proj columns and the kept neurons' fc1 rows and fc2
+    columns; every other parameter's gradient equals the dense one whole."""
+    ref_params = dict(ref.named_parameters())
+    for name, p in pruned.named_parameters():
+        g_ref, parts = ref_params[name].grad, name.split(".")
+        if name.startswith("blocks.") and parts[-2] in ("qkv", "proj", "fc1", "fc2"):
+            b = int(parts[1])
+            chan, rows = head_rows(spec["heads"][b], dims["num_heads"][b], dims["head_dim"])
+            neurons = torch.tensor(spec["neurons"][b], dtype=torch.long)
+            if parts[-2] == "qkv":
+                g_ref = g_ref.index_select(0, rows)
+            elif parts[-2] == "proj" and parts[-1] == "weight":
+                g_ref = g_ref.index_select(1, chan)
+            elif parts[-2] == "fc1":
+                g_ref = g_ref.index_select(0, neurons)
+            elif parts[-2] == "fc2" and parts[-1] == "weight":
+                g_ref = g_ref.index_select(1, neurons)
+        torch.testing.assert_close(p.grad, g_ref, msg=name)
+
+
 # ------------------------------------------------------------------------------------------------
 # schedule, rounding, policies
 # ------------------------------------------------------------------------------------------------
@@ -157,25 +179,8 @@ def test_sliced_equals_masked_forward_backward(case):
     weight = torch.randn_like(out)
     (out_ref * weight).sum().backward()
     (out * weight).sum().backward()
-    ref_params = dict(ref.named_parameters())
-    hd = dims["head_dim"]
-    for name, p in pruned.named_parameters():
-        g_ref = ref_params[name].grad
-        parts = name.split(".")
-        if name.startswith("blocks.") and parts[-2] in ("qkv", "proj", "fc1", "fc2"):
-            b = int(parts[1])
-            chan, rows = head_rows(spec["heads"][b], dims["num_heads"][b], hd)
-            neurons = torch.tensor(spec["neurons"][b], dtype=torch.long)
-            if parts[-2] == "qkv":
-                g_ref = g_ref.index_select(0, rows)
-            elif parts[-2] == "proj" and parts[-1] == "weight":
-                g_ref = g_ref.index_select(1, chan)
-            elif parts[-2] == "fc1":
-                g_ref = g_ref.index_select(0, neurons)
-            elif parts[-2] == "fc2" and parts[-1] == "weight":
-                g_ref = g_ref.index_select(1, neurons)
-        torch.testing.assert_close(p.grad, g_ref, msg=name)
-        assert p.is_contiguous()
+    assert_grads_are_the_kept_rows(pruned, ref, spec, dims)
+    assert all(p.is_contiguous() for p in pruned.parameters())
 
 
 def test_gated_attention_and_dropped_branch():
@@ -366,7 +371,8 @@ def test_spec_errors():
 
     # policies and rankings
     ranks = random_rankings(dims)
-    _raises(r"outside \[0, 1\)", policy_to_spec, {"head": [0.1, 1.0, 0.0], "neuron": [0.0] * 3, "token": 0.0}, ranks, dims)
+    _raises(r"outside \[0, 1\)", policy_to_spec, {"head": [0.1, 1.0, 0.0], "neuron": [0.0] * 3, "token": 0.0},
+            ranks, dims)
     _raises(r"outside \[0, 1\)", policy_to_spec, uniform_policy(3, token=0.0) | {"token": -0.1}, ranks, dims)
     _raises(r"outside \[0, 1\)", uniform_policy, 3, neuron=1.2)
     _raises(r"outside \[0, 1\)", kept_count, np.array([4, 4]), np.array([0.5, 1.0]))

@@ -23,7 +23,7 @@ def dense_ckpt(tmp_path_factory):
 
 
 def _log(folder):
-    return [json.loads(l) for l in (folder / "search" / "search_log.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in (folder / "search" / "search_log.jsonl").read_text().splitlines()]
 
 
 def test_every_evaluated_policy_meets_the_budget(dense_ckpt, tmp_path):
