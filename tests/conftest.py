@@ -8,7 +8,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+from helpers import threads_for_tests  # noqa: E402 (tests/ is on sys.path from here)
+
+torch.set_num_threads(threads_for_tests())
 
 
 @pytest.fixture(autouse=True)
@@ -24,4 +26,5 @@ def pytest_collection_modifyitems(items):
     slow = {}
     for item in items:
         slow[item.fspath] = slow.get(item.fspath, 0) + (item.get_closest_marker("slow") is not None)
-    items.sort(key=lambda item: -slow[item.fspath])
+    # test_slurm.py first of all: its one-node SLURM takes about a minute to start, then runs real jobs
+    items.sort(key=lambda item: (item.fspath.basename != "test_slurm.py", -slow[item.fspath]))

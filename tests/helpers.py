@@ -9,6 +9,13 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+def threads_for_tests():
+    """torch's thread count in the test processes (conftest) and in the ranks they start, which
+    must match them for bitwise-equal sums: 1 on a pytest-xdist worker (the workers share the
+    cores; spinning thread pools would fight over them), else up to 2."""
+    return 1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, os.cpu_count() or 1)
+
+
 # flags that make a training run take seconds on 2 cores
 FAST = ["--model", "vit_pico_patch8_32", "--batch-size", "32", "--num_workers", "0", "--log-every", "1000"]
 

@@ -10,7 +10,7 @@ from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import Attention, VisionTransformer
 
 import dependency_criterion as dc
-from helpers import run_ranks
+from helpers import run_ranks, threads_for_tests
 
 
 def tiny_vit(**kw):
@@ -386,5 +386,5 @@ def test_distributed_ranks_agree_with_single_process(tmp_path):
 
 
 if __name__ == "__main__":  # a rank of test_distributed_ranks_agree_with_single_process
-    torch.set_num_threads(min(2, os.cpu_count() or 1))  # as conftest: same GEMM paths as the parent
+    torch.set_num_threads(threads_for_tests())  # as conftest: same GEMM paths as the parent
     _dist_worker(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])

@@ -4,8 +4,6 @@ written here from the formula (never from the library's own helpers)."""
 import copy
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -366,20 +364,19 @@ def test_load_policy_file(tmp_path):
 
 
 @pytest.mark.slow
-def test_flops_cli_shows_both_conventions():
-    cmd = [sys.executable, os.path.join(ROOT, "flops.py"), "--model", "deit_small_patch16_224",
-           "--flops-convention", "original", "--json"]
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert out.returncode == 0, out.stderr
-    line = json.loads(out.stdout.strip().splitlines()[-1])
+def test_flops_cli_shows_both_conventions(capsys):
+    """flops.py's main() in this process (tests/test_flops.py runs the script itself)."""
+    import flops
+    argv = ["--model", "deit_small_patch16_224", "--flops-convention", "original", "--json"]
+    assert flops.main(argv) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert line["gmacs"] == line["gmacs_original"] == round(ref_original_gmacs(
         384, 1536, 197, 6, [0.0] * 12, [0.0] * 12, 0.0), 6)
     assert line["gmacs_exact"] > line["gmacs_original"]
-    out = subprocess.run(cmd + ["--policy", "hou2022-deit-s"], capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert out.returncode == 0, out.stderr
-    line = json.loads(out.stdout.strip().splitlines()[-1])
+    assert flops.main(argv + ["--policy", "hou2022-deit-s"]) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     pol = pruning.published_policy("hou2022-deit-s")
     assert line["gmacs_original"] == round(ref_original_gmacs(384, 1536, 197, 6, pol["neuron"], pol["head"],
                                                               pol["token"]), 6)
-    out = subprocess.run(cmd[:-1] + ["--policy", "hou2022"], capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert out.returncode != 0 and "published: hou2022-deit-b, hou2022-deit-s" in out.stderr
+    assert flops.main(argv[:-1] + ["--policy", "hou2022"]) != 0
+    assert "published: hou2022-deit-b, hou2022-deit-s" in capsys.readouterr().err

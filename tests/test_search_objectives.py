@@ -10,7 +10,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 import datasets
 import engine
-from helpers import run_ranks
+from helpers import run_ranks, threads_for_tests
 
 CPU = torch.device("cpu")
 
@@ -148,5 +148,5 @@ def test_distributed_sums_equal_single_process(tmp_path):
 
 
 if __name__ == "__main__":  # a rank of test_distributed_sums_equal_single_process
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    torch.set_num_threads(threads_for_tests())
     _dist_worker(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
