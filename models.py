@@ -89,7 +89,7 @@ def build_model(name, num_classes=1000, img_size=None, pretrained=False, drop_ra
             model = timm.create_model(name, pretrained=pretrained, **kwargs)
         except TypeError as e:  # a non-ViT rejects ViT keywords such as img_size
             raise ModelError(f"model '{name}' is not a timm VisionTransformer ({clean_message(e)}); this tool "
-                             f"compresses ViT/DeiT models") from e
+                             f"compresses ViT/DeiT, SigLIP, CLIP and EVA-02 models") from e
         except (OSError, RuntimeError, ValueError) as e:
             if pretrained:
                 raise ModelError(f"could not load pretrained weights for {name} ({type(e).__name__}: "

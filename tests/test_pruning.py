@@ -210,9 +210,18 @@ def test_scale_norm_refused_and_model_left_unchanged():
 # token reduction
 # ------------------------------------------------------------------------------------------------
 
+def received_by_hand(probs, prefix):
+    """The attention each non-prefix token j receives (column prefix + j of ``probs`` [H, N, N]: every
+    head's, every query's), averaged, one token at a time."""
+    heads, n = probs.shape[0], probs.shape[-1]
+    return torch.stack([probs[:, :, prefix + j].sum() / (heads * n) for j in range(n - prefix)])
+
+
 def reference_forward(model, x, schedule, fuse):
-    """Explicit attention matrices, per-sample python loops; ``schedule``: {block: kept tokens}."""
-    prefix = model.num_prefix_tokens
+    """Explicit attention matrices, per-sample python loops; ``schedule``: {block: kept tokens}. The
+    score of a token is the class token's attention to it (averaged over heads), or in a model without a
+    class token the attention it receives (averaged over heads and every query)."""
+    prefix, has_class = model.num_prefix_tokens, model.cls_token is not None
     t = model.norm_pre(model._pos_embed(model.patch_embed(x)))
     for i, blk in enumerate(model.blocks):
         a = blk.attn
@@ -222,22 +231,22 @@ def reference_forward(model, x, schedule, fuse):
         q = a.q_norm(qkv[:, :, 0].transpose(1, 2))
         k = a.k_norm(qkv[:, :, 1].transpose(1, 2))
         v = qkv[:, :, 2].transpose(1, 2)
-        probs = torch.softmax(q @ k.transpose(-1, -2) * a.scale, dim=-1)        # [B, H, N, N] explicit
-        o = (probs @ v).transpose(1, 2).reshape(bsz, n, -1)
-        t = t + blk.drop_path1(blk.ls1(a.proj(o)))
+        probs = torch.softmax(q @ k.transpose(-1, -2) * a.scale, dim=-1)        # [B, H, N, N]
+        t = t + blk.drop_path1(blk.ls1(a.proj((probs @ v).transpose(1, 2).reshape(bsz, n, -1))))
         if i in schedule and schedule[i] < n - prefix:
-            score = probs[:, :, 0, prefix:].mean(dim=1)
             rows = []
             for s in range(bsz):
-                top = set(torch.topk(score[s], schedule[i]).indices.tolist())
+                score = probs[s, :, 0, prefix:].mean(dim=0) if has_class else received_by_hand(probs[s], prefix)
+                values = score.tolist()
+                order = sorted(range(n - prefix), key=lambda j: -values[j])
+                top = set(order[:schedule[i]])
                 keep = [j for j in range(n - prefix) if j in top]
                 drop = [j for j in range(n - prefix) if j not in top]
                 rest = t[s, prefix:]
                 if fuse == "mean":
                     fused = rest[drop].mean(dim=0)
                 else:
-                    w = score[s, drop]
-                    fused = (rest[drop] * w[:, None]).sum(dim=0) / w.sum()
+                    fused = (rest[drop] * score[drop][:, None]).sum(dim=0) / score[drop].sum()
                 rows.append(torch.cat([t[s, :prefix], rest[keep], fused[None]], dim=0))
             t = torch.stack(rows)
         t = t + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(t))))
