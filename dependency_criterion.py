@@ -59,6 +59,7 @@ from timm.layers import AttentionRope, GluMlp, Mlp, SwiGLU
 from timm.models.eva import EvaAttention
 from timm.models.vision_transformer import Attention
 
+from flags import BANDWIDTHS, CRITERIA, KERNELS, MAGNITUDES
 from models import class_logits
 
 __all__ = [
@@ -81,10 +82,6 @@ __all__ = [
 # Bandwidths of the original's multi-scale Gaussian kernel (on raw features in the original; on
 # standardised, length-scaled features with kernel="scaled", bandwidth="multi").
 MULTI_SIGMAS = (1.0, 2.0, 4.0, 8.0, 16.0)
-CRITERIA = ("hsic", "magnitude", "random", "taylor")
-BANDWIDTHS = ("multi", "median")
-KERNELS = ("scaled", "original")
-MAGNITUDES = ("activation", "contribution", "taylor")
 DEFAULT_BANDWIDTH = "median"
 DEFAULT_KERNEL = "scaled"
 DEFAULT_HEAD_LAMBDA = 0.1

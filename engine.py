@@ -31,6 +31,7 @@ import flops
 import latency
 import plots
 import pruning
+from flags import SEARCH_OBJECTIVES
 from models import class_logits, load, load_state_strict, save_model_file, set_drop_path
 from utils import (Progress, UserError, all_reduce_sum, append_jsonl, broadcast_object, check_run_identity,
                    settings_from, clean_message, decide_on_rank0, format_seconds, load_checkpoint_file,
@@ -459,16 +460,24 @@ def training_parts(model, recipe, steps_per_epoch, num_classes, teacher, amp):
     return optimizer, scheduler, mixup_fn, criterion, scaler
 
 
-def fit(model, train_loader, val_loader, *, recipe, num_classes, arch=None, teacher=None, resume=None, extra=None,
-        tag="train", run_dir=None, device, amp=False, distributed=False, rank=0):
+def fit(model, train_loader, val_loader, *, recipe, num_classes, arch=None, teacher=None, resume=None, identity=None,
+        extra=None, tag="train", run_dir=None, device, amp=False, distributed=False, rank=0):
     """Train ``model`` by ``recipe`` for its epochs plus its cool-down epochs (at the minimum
     learning rate), evaluating after every epoch; returns the final val stats.
 
     With ``run_dir``, every epoch atomically writes ``checkpoint.pth`` (arch, weights, optimizer,
     scheduler, scaler, EMA, epoch, best, ``extra`` primitives), ``best.pth`` and one line of
     ``log.jsonl``. ``resume`` is a loaded training checkpoint of this tool (its contents): the run
-    continues after its epoch, and the log holds exactly the epochs up to that one.
+    continues after its epoch, and the log holds exactly the epochs up to that one. Given an
+    ``identity`` too (the caller's part, e.g. the data set), ``run_dir/run.json`` records what
+    defines the run with the model's and recipe's part: a resumed run in a folder of another
+    training run is refused in one line; a fresh one (no ``resume``) records itself over it.
     """
+    if run_dir and identity is not None:
+        identity = {"step": tag, "model": arch["model"], "input_size": arch["input_size"],
+                    "num_classes": arch["num_classes"], "prune_spec": bool(arch.get("prune_spec")),
+                    "seed": recipe.seed, "distillation": recipe.distillation, **identity}
+        decide_on_rank0(lambda: check_run_identity(run_dir, identity, "training", fresh=resume is None))
     model.to(device)
     inner = model
     if distributed:
@@ -635,7 +644,6 @@ def compare_models(files, rows, device, batch_size, input_size, amp=False):
             "runtime": base["runtime"], "markdown": text}
 
 
-SEARCH_OBJECTIVES = ("acc", "loss", "kl")
 
 
 def _fingerprint(images):
@@ -815,18 +823,23 @@ class SearchSettings:
                 f"{dense_ms:.4g} ms, predicted); ask for less or raise --search-max-ratio") from e
 
 
-def _previous_search(out, identity):
+def _previous_search(out, identity, total):
     """Rank 0's decision for a search folder: refuse another search's, else (the history to
-    replay, the rankings it scored with or None)."""
+    replay, the rankings it scored with or None, best_policy.json's contents when this search of
+    ``total`` evaluations has finished there, else None)."""
     check_run_identity(out, identity, "search")
     log_path, path = os.path.join(out, "search_log.jsonl"), os.path.join(out, "rankings.json")
+    best_path = os.path.join(out, "best_policy.json")
     history = [dict(r, y=r.get("y", r.get("acc1"))) for r in read_jsonl(log_path)]
+    finished = json.load(open(best_path)) if os.path.exists(best_path) and os.path.exists(path) else None
+    if finished is not None and finished.get("evaluations") == total and len(history) >= total:
+        return history[:total], finished["rankings"], finished  # touches no file
     write_jsonl(log_path, history)  # without a torn last line
-    return history, (json.load(open(path)) if history and os.path.exists(path) else None)
+    return history, (json.load(open(path)) if history and os.path.exists(path) else None), None
 
 
-def search_policy(dense, loader, *, rankings, sampler, settings, val_loader=None, identity=None, record=None,
-                  latency_table=None, run_dir=None, device, amp=False, distributed=False, rank=0):
+def search_policy(dense, loader, *, rankings, sampler, settings, val_loader=None, identity=None, latency_table=None,
+                  run_dir=None, device, amp=False, distributed=False, rank=0):
     """Search the policy of ``dense`` that scores best on the hold-out ``loader`` among the feasible
     ones of ``sampler`` (``settings.space``): ``search_population`` random policies, then
     ``search_epoch`` EI steps (or random ones), each candidate sliced by ``rankings`` and scored by
@@ -837,22 +850,29 @@ def search_policy(dense, loader, *, rankings, sampler, settings, val_loader=None
     ``settings.identity(sampler)`` and the caller's ``identity``, e.g. the dense model, the
     rankings' criterion and the hold-out; another search's folder is refused), ``search_log.jsonl`` (replayed after an
     interruption, so the search continues as the uninterrupted one would), ``rankings.json``, and
-    at the end ``best_policy.json`` and ``search.png``. Under torch.distributed every rank calls
+    at the end ``best_policy.json`` and ``search.png``; a finished search is returned as it was,
+    touching no file. Under torch.distributed every rank calls
     this; rank 0 decides, asks the GP and broadcasts. The best model is evaluated on
     ``val_loader`` when given. With a latency budget ``latency_table`` is the table the sampler
     predicts with (``settings.space(..., table)``): it joins the identity, every record carries its
     predicted ms, and the best model's ms are measured against the dense model's at the end (on the
     table's device type). Returns ``{"result" (best_policy.json's contents: policy, vector, GMACs,
-    predicted and measured ms, scores, settings, the rankings, ``record``), "model" (the best
-    policy's sliced model), "history"}``; best_policy.json holds the caller's ``identity`` too."""
+    predicted and measured ms, scores, settings, the rankings, the caller's ``identity``), "model"
+    (the best policy's sliced model), "history"}``."""
     given = dict(identity or {})
     identity = dict(settings.identity(sampler, latency_table), **given)
-    history, found = decide_on_rank0(lambda: _previous_search(run_dir, identity)) if run_dir else ([], None)
+    total = settings.search_population + settings.search_epoch
+    history, found, finished = (decide_on_rank0(lambda: _previous_search(run_dir, identity, total)) if run_dir
+                                else ([], None, None))
+    if finished is not None:
+        logger.info(f"search: using the finished search in {run_dir}/best_policy.json")
+        model = pruning.slice_model(dense, finished["policy"], finished["rankings"], settings.round_to, settings.fuse,
+                                    settings.rounding)
+        return {"result": finished, "model": model, "history": history}
     rankings = found or (rankings() if callable(rankings) else rankings)
     log_path = os.path.join(run_dir, "search_log.jsonl") if run_dir else None
     if run_dir and rank == 0:
         write_json_atomic(os.path.join(run_dir, "rankings.json"), rankings)
-    total = settings.search_population + settings.search_epoch
     if len(history) > total:
         logger.info(f"search: {run_dir}/search_log.jsonl holds {len(history)} evaluations; a search of {total} "
                     f"takes the first {total}, as an uninterrupted one would (the log keeps all {len(history)})")
@@ -882,7 +902,8 @@ def search_policy(dense, loader, *, rankings, sampler, settings, val_loader=None
     if latency_table is not None:
         speed = latency.speed_record(latency_table, pruning.model_dims(dense), dense, model, np.asarray(best["x"]),
                                      device, settings.round_to, settings.rounding)
-        speed.update(target_ms=sampler.target, latency_table=latency.table_identity(latency_table))
+        speed.update(target_ms=sampler.target, latency_table=latency.table_identity(latency_table),
+                     latency_table_file=latency_table.get("file"))
     result = {"policy": best["policy"], "vector": best["x"], "target_gmacs": None if speed else sampler.target,
               "gmacs": best["gmacs"], **speed,
               "dense_gmacs": flops.model_macs(dense, convention=settings.flops_convention)["macs"] / 1e9,
@@ -892,7 +913,7 @@ def search_policy(dense, loader, *, rankings, sampler, settings, val_loader=None
               "mode": settings.search_mode, "flops_convention": settings.flops_convention,
               "budget_gmacs": best["budget_gmacs"], "round_to": settings.round_to, "fuse": settings.fuse,
               "gp_share": sum(r.get("gp_seconds", 0.0) for r in res["history"]) / spent
-              if spent > 0 and settings.search_mode == "ei" else None, **given, **(record or {}), "rankings": rankings}
+              if spent > 0 and settings.search_mode == "ei" else None, **given, "rankings": rankings}
     if speed:
         budget = (f"predicted {speed['predicted_ms']:.4g} ms ({speed['predicted_speedup']:.2f}x; target "
                   f"{sampler.target:.4g} ms)" + (f", measured {speed['measured_ms']:.4g} ms "
@@ -911,8 +932,22 @@ def search_policy(dense, loader, *, rankings, sampler, settings, val_loader=None
     return {"result": result, "model": model, "history": res["history"]}
 
 
-def prune_finetune(dense, data, *, dense_arch, policy, rankings, recipe, settings=None, identity=None, record=None,
-                   extra=None, latency_table=None, run_dir=None, device, amp=False, distributed=False, rank=0):
+def _previous_finetune(run_dir, identity, recipe):
+    """Rank 0's decision for a prune+finetune folder: refuse another run's, else result.json's
+    contents when this run has finished there (all of ``recipe``'s epochs), True when it holds a
+    checkpoint to continue, False for a new run."""
+    if not check_run_identity(run_dir, identity, "prune+finetune"):
+        return False
+    path = os.path.join(run_dir, "result.json")
+    done = json.load(open(path)) if os.path.exists(path) else {}
+    if (done.get("finetune_epochs"), done.get("cooldown_epochs", 0)) == (recipe.epochs, recipe.cooldown_epochs) \
+            and os.path.exists(os.path.join(run_dir, "compressed.pth")):
+        return done
+    return os.path.exists(os.path.join(run_dir, "checkpoint.pth"))
+
+
+def prune_finetune(dense, data, *, dense_arch, policy, rankings, recipe, settings=None, identity=None, extra=None,
+                   latency_table=None, run_dir=None, device, amp=False, distributed=False, rank=0):
     """Slice ``dense`` (its ``dense_arch``) to ``policy``, keeping the components ``rankings``
     rank highest (a dict, or a function computing one, called only when needed), and finetune it
     by ``recipe`` (its drop_path given to the sliced model's blocks as timm schedules it), distilling
@@ -924,10 +959,11 @@ def prune_finetune(dense, data, *, dense_arch, policy, rankings, recipe, setting
     settings' rounding, the recipe less its length, and the caller's ``identity``, e.g. the dense
     file and where the rankings came from; a different run's folder is refused), every epoch writes
     ``checkpoint.pth``, and at the end rank 0 writes ``compressed.pth`` (load it with models.load;
-    ``extra`` stored beside) and ``result.json`` (the caller's ``identity`` and ``record``, e.g. the
-    policy, then the figures). With a ``latency_table`` (the one a latency budget was searched with)
-    the table joins the identity and result.json gains the predicted and measured ms and speed-ups
-    of the finetuned model against the dense one.
+    ``extra`` stored beside) and ``result.json`` (the policy, the caller's ``identity``, then the
+    figures); a run that has finished all of ``recipe``'s epochs is returned as it was, touching no
+    file. With a ``latency_table`` (the one a latency budget was searched with) the table joins the
+    identity and result.json gains the predicted and measured ms and speed-ups of the finetuned
+    model against the dense one.
     Returns result.json's contents."""
     settings, given = settings or SearchSettings(), dict(identity or {})
     identity = {"policy": policy, "round_to": settings.round_to, "fuse": settings.fuse, "rounding": settings.rounding,
@@ -936,8 +972,11 @@ def prune_finetune(dense, data, *, dense_arch, policy, rankings, recipe, setting
                 **({"latency_table": latency.table_identity(latency_table)} if latency_table is not None else {}),
                 **(identity or {})}
     ckpt_path, state = run_dir and os.path.join(run_dir, "checkpoint.pth"), None
-    if run_dir and decide_on_rank0(lambda: check_run_identity(run_dir, identity, "prune+finetune")
-                                   and os.path.exists(ckpt_path)):
+    found = decide_on_rank0(lambda: _previous_finetune(run_dir, identity, recipe)) if run_dir else None
+    if isinstance(found, dict):
+        logger.info(f"prune+finetune: using the finished prune+finetune in {run_dir}/result.json")
+        return found
+    if found:
         state = load_checkpoint_file(ckpt_path)
         model, arch, _ = load(ckpt_path, ckpt=state)
         logger.info(f"prune+finetune: continuing the compressed model in {ckpt_path}")
@@ -959,10 +998,10 @@ def prune_finetune(dense, data, *, dense_arch, policy, rankings, recipe, setting
                 teacher=dense if recipe.distillation != "none" else None, resume=state,
                 extra=dict(extra or {}, recipe=recipe.as_dict(), before_finetune=before), tag="finetune",
                 run_dir=run_dir, device=device, amp=amp, distributed=distributed, rank=rank)
-    result = dict(given, **(record or {}), dense_gmacs=dense_m["macs"] / 1e9, gmacs=comp_m["macs"] / 1e9,
+    result = dict(given, policy=policy, dense_gmacs=dense_m["macs"] / 1e9, gmacs=comp_m["macs"] / 1e9,
                   dense_params=dense_m["params"], params=comp_m["params"], dense_acc1=dense_stats["acc1"],
                   acc1_before_finetune=before["acc1"], acc1=stats["acc1"], acc5=stats["acc5"],
-                  finetune_epochs=recipe.epochs)
+                  finetune_epochs=recipe.epochs, cooldown_epochs=recipe.cooldown_epochs)
     if latency_table is not None:
         result.update(latency.speed_record(latency_table, pruning.model_dims(dense), dense, model,
                                            pruning.policy_to_vector(policy), device, settings.round_to,

@@ -1,18 +1,26 @@
-"""The command line: the one argument parser (DeiT's flags plus ours), the per-data-set defaults
-that --help shows, the original implementation's settings (--recipe paper), and where each flag
-applies (FLAG_SCOPES: a flag given where it does nothing is refused or warned about).
+"""The command line, from flags to a run's settled configuration: the one argument parser (DeiT's
+flags plus ours), the per-data-set defaults that --help shows, the original implementation's
+settings (--recipe paper), where each flag applies (FLAG_SCOPES: a flag given where it does
+nothing is refused or warned about), the choices the library checks its arguments against, and
+``settle``, which applies the defaults and the model file's own settings and checks the flags.
 
-Standard library only, so that ``python main.py --help`` and a bad flag answer at once."""
+Only the standard library is imported at the top, so that ``python main.py --help`` and a bad
+flag answer at once; ``settle`` and the checks import the library when they run."""
 import argparse
+import os
 import re
+import sys
+import tempfile
 
-# the choices of six flags, spelled out so that --help imports nothing heavy (tests/test_checkpoints_and_reruns.py
-# checks that they equal the library's own tuples)
+# the choices of seven flags, defined here once: the library's modules import them from this
+# module, which imports nothing heavy (so --help stays fast)
 CRITERIA = ("hsic", "magnitude", "random", "taylor")
 KERNELS = ("scaled", "original")
+BANDWIDTHS = ("multi", "median")
+MAGNITUDES = ("activation", "contribution", "taylor")
 SEARCH_OBJECTIVES = ("acc", "loss", "kl")
 CONVENTIONS = ("exact", "original")
-MAGNITUDES = ("activation", "contribution", "taylor")
+FUSE_MODES = ("mean", "weighted")
 
 # The defaults that depend on the data set, in one table: a flag left at None takes its data set's
 # value (settle), and --help shows them from here (``--data-set X --help``: X's alone). IMAGE is
@@ -275,7 +283,7 @@ def get_args_parser(data_set=None):
     g.add_argument("--hsic-kernel", default="scaled", choices=KERNELS, help="scaled (default: standardised "
                    "features, distances scaled by feature length); original: the original code's kernel and scores "
                    "exactly (raw features, bandwidths 1-16, one augmented batch in train mode, unnormalised heads)")
-    g.add_argument("--hsic-bandwidth", choices=["multi", "median"],
+    g.add_argument("--hsic-bandwidth", choices=BANDWIDTHS,
                    help="Gaussian kernel bandwidth rule (default: the criterion's, see README)")
 
     g = p.add_argument_group("search (GP expected improvement over per-block keep ratios)")
@@ -317,7 +325,7 @@ def get_args_parser(data_set=None):
                    "the widths GPU matrix units like, 8 for the small presets; elsewhere 8, fast on CPUs, and 1 with "
                    "--flops-convention original; 1 = exact ratios); refused when N "
                    "is not below the narrowest MLP's width, which it would keep whole")
-    g.add_argument("--fuse", default="mean", choices=["mean", "weighted"], help="how dropped tokens are fused")
+    g.add_argument("--fuse", default="mean", choices=FUSE_MODES, help="how dropped tokens are fused")
 
     g = p.add_argument_group("prune + finetune")
     g.add_argument("--prune_finetune", "--prune-finetune", action="store_true",
@@ -566,3 +574,179 @@ def flag_problems(args, cfg):
                 warnings.append(f"{flag} is not used: it applies to {where}")
             break
     return refusals, warnings
+
+
+# ----------------------------------------------------------------------------- the settled configuration
+
+def settle(args):
+    """The run's configuration, settled once: recipe defaults, the --resume (or --finetune) file's
+    own model and input size, every check of the flags. Returns (cfg, contents of that file, or None
+    when it was not read);
+    nothing assigns to the configuration after this."""
+    import datasets
+    import models
+    import torch
+    import utils
+    cfg = argparse.Namespace(**vars(args))
+    if cfg.data_set is None:
+        cfg.data_set = "IMNET" if cfg.data_path else "DIGITS"
+    cfg.data_set = "CIFAR100" if cfg.data_set == "CIFAR" else cfg.data_set
+    recipe = data_set_defaults(cfg.data_set)
+    if cfg.output_dir and os.path.exists(cfg.output_dir) and not os.path.isdir(cfg.output_dir):
+        raise utils.UserError(f"--output_dir {cfg.output_dir} is a file, not a folder")
+    cfg.resume, ckpt = resume_path(cfg), None
+    if cfg.resume:
+        ckpt = models.read_model_file(cfg.resume)
+        info = models.inspect_checkpoint(ckpt, cfg.resume)
+        for key in ("model", "input_size"):
+            if info[key] is not None and getattr(args, key) is not None and getattr(args, key) != info[key] \
+                    and info["arch"] is not None:
+                raise utils.UserError(f"{cfg.resume} holds a model with {key} {info[key]}, not {getattr(args, key)}; "
+                                f"leave out --{key.replace('_', '-')} to use the file's")
+            if info[key] is not None and getattr(args, key) is None:
+                setattr(cfg, key, info[key])
+    if (cfg.finetune and not cfg.resume and os.path.exists(cfg.finetune)
+            and (args.model is None or args.input_size is None)):
+        ckpt = models.read_model_file(cfg.finetune)  # a file, or a Hugging Face folder
+        info = models.inspect_checkpoint(ckpt, cfg.finetune)
+        cfg.model = cfg.model or info["model"]  # this tool's file (or one naming its model): no --model needed
+        cfg.input_size = cfg.input_size or (info["input_size"] if cfg.model == info["model"] else None)
+    if cfg.recipe == "paper":  # the original's settings, for every flag the user left at its default
+        # what each flag parses to when it is not given: get_default would answer --no-model-ema's True
+        # for model_ema, which parses to None when neither --model-ema nor --no-model-ema is given
+        untouched = vars(get_args_parser().parse_args([]))
+        for key, value in paper_settings().items():
+            if getattr(args, key) == untouched[key]:
+                setattr(cfg, key, value)
+    if cfg.criterion is None:  # the paper's setting (--hsic-kernel original) ranks with its HSIC criterion
+        cfg.criterion = "hsic" if cfg.hsic_kernel == "original" else "taylor"
+    elif cfg.hsic_kernel == "original" and cfg.criterion != "hsic":
+        raise utils.UserError(f"--hsic-kernel original is the HSIC criterion's kernel; it does not apply to "
+                              f"--criterion {cfg.criterion}")
+    if cfg.criterion_batches is None and cfg.hsic_kernel == "original":
+        cfg.criterion_batches = 1  # the original ranks on one batch
+    if cfg.input_size is None and cfg.model is not None and cfg.model != recipe["model"]:
+        cfg.input_size = models.native_input_size(cfg.model)
+    for key in recipe:
+        if getattr(cfg, key, None) is None:
+            setattr(cfg, key, recipe[key])
+    if args.num_workers is None:  # DeiT's 10 loader workers, but never more than this machine's CPUs
+        cfg.num_workers = min(cfg.num_workers, os.cpu_count() or 1)
+    cfg.device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cfg.round_to = cfg.round_to or round_to_default(cfg)
+    cfg.pin_mem = cfg.device.startswith("cuda") if cfg.pin_mem is None else cfg.pin_mem
+    cfg.search_holdout = datasets.parse_holdout(cfg.search_holdout)
+    check_config(cfg)
+    check_flags_apply(args, cfg)
+    return cfg, ckpt
+
+
+def round_to_default(cfg):
+    """--round-to left out: 64 on CUDA (GPU matrix units like such widths), unless the model is a small
+    preset whose MLPs are narrower than 8 x 64; otherwise 8 (fast on CPUs), 1 with --flops-convention
+    original (the original's exact widths)."""
+    import models
+    preset = models.PRESETS.get(cfg.model)
+    small = preset is not None and preset["embed_dim"] * preset.get("mlp_ratio", 4.0) < 8 * 64
+    if cfg.device.startswith("cuda") and not small:
+        return 64
+    return 1 if cfg.flops_convention == "original" else 8
+
+
+def round_to_note(args, cfg):
+    """The warning for a model rebuilt in the original's convention but at GPU widths, or None."""
+    slices = cfg.search or cfg.prune_finetune or cfg.pipeline
+    if slices and args.round_to is None and cfg.flops_convention == "original" and cfg.round_to > 1:
+        return (f"--flops-convention original on {cfg.device}: MLP widths are kept at multiples of {cfg.round_to} "
+                f"(GPU-friendly shapes), not the original's exact widths; --round-to 1 gives those")
+    return None
+
+
+def resume_path(cfg):
+    """--resume, with 'auto' = output_dir/checkpoint.pth: optional when training, required otherwise."""
+    import utils
+    if cfg.resume != "auto":
+        return cfg.resume
+    path = os.path.join(cfg.output_dir, "checkpoint.pth") if cfg.output_dir else ""
+    if path and os.path.exists(path):
+        return path
+    if cfg.eval or cfg.search or cfg.prune_finetune or cfg.throughput:
+        raise utils.UserError(f"--resume auto found no checkpoint ({path or 'no --output_dir given'}); "
+                        f"train first or pass --resume FILE")
+    return ""
+
+
+RUN_MARKERS = ("run.json", "checkpoint.pth", "args.json")  # what this tool leaves in a run's folder
+
+
+def check_output_dir_nesting(output_dir):
+    """Refuse a user's --output_dir inside another run's folder (a parent holding one of
+    RUN_MARKERS): that run's resumable steps, checkpoints and summaries would mix with this one's.
+    The folders the tool lays out itself (a pipeline's dense/, reduceNN/, a run's search/ and
+    prune_finetune/) are derived contexts, which never come through here."""
+    import utils
+    here = os.path.abspath(output_dir)
+    parent = os.path.dirname(here)
+    while parent and parent != here:
+        found = [m for m in RUN_MARKERS if os.path.isfile(os.path.join(parent, m))]
+        if found:
+            raise utils.UserError(f"--output_dir {output_dir} is inside another run's folder {parent} (it holds "
+                                  f"{found[0]}); pass a folder outside it")
+        here, parent = parent, os.path.dirname(parent)
+
+
+def check_config(cfg):
+    import torch
+    import utils
+    if cfg.device.split(":")[0] not in ("cpu", "cuda", "mps"):
+        raise utils.UserError(f"--device {cfg.device}: use cpu, cuda or cuda:N")
+    if cfg.output_dir:  # the user's own folder only: derived step contexts do not pass here
+        check_output_dir_nesting(cfg.output_dir)
+    if cfg.output_dir:  # every rank checks: a folder it cannot write fails here, not in the first checkpoint
+        try:
+            os.makedirs(cfg.output_dir, exist_ok=True)
+            tempfile.TemporaryFile(dir=cfg.output_dir).close()
+        except OSError as e:
+            raise utils.UserError(f"--output_dir {cfg.output_dir} cannot be written ({e.strerror or e})")
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise utils.UserError(f"--device {cfg.device} asked for but CUDA is not available")
+    trains = not (cfg.eval or cfg.search or cfg.throughput) or cfg.prune_finetune or cfg.pipeline
+    if trains and (cfg.mixup > 0 or cfg.cutmix > 0) and cfg.batch_size % 2:
+        raise utils.UserError(f"mixup/cutmix need an even --batch-size, got {cfg.batch_size} "
+                              "(or pass --mixup 0 --cutmix 0)")
+    if cfg.pipeline and not cfg.output_dir:
+        raise utils.UserError("--pipeline needs --output_dir")
+    budgets = [flag for flag, value in (("--search_flops", cfg.search_flops),
+                                        ("--search-reduction", cfg.search_reduction),
+                                        ("--search-speedup", cfg.search_speedup),
+                                        ("--search-latency-ms", cfg.search_latency_ms)) if value is not None]
+    if len(budgets) > 1:
+        raise utils.UserError(f"give one budget, not {' and '.join(budgets)}")
+    latency_budget = cfg.search_speedup is not None or cfg.search_latency_ms is not None or cfg.pipeline_speedups
+    if (cfg.latency_table or cfg.latency_batch) and not (latency_budget or cfg.prune_finetune):
+        raise utils.UserError("--latency-table and --latency-batch apply to a latency budget (--search-speedup, "
+                              "--search-latency-ms, --pipeline-speedups) and to --prune_finetune's speed report")
+
+def check_flags_apply(args, cfg):
+    """Refuses the first flag given where it does nothing and contradicts the run (UserError, one
+    line), and warns about the others on stderr, one line each, from rank 0 alone."""
+    import utils
+    refusals, warnings = flag_problems(args, cfg)
+    if refusals:
+        raise utils.UserError(refusals[0])
+    if os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0":
+        for line in warnings:
+            print(f"warning: {line}", file=sys.stderr)
+
+
+def check_speed_flags(cfg, device):
+    """The flags of --throughput alone, refused in one line before any work: --cuda-graph and
+    --throughput-baseline need --throughput, --cuda-graph a CUDA device and no --compile."""
+    import engine
+    import utils
+    for flag, given in (("--cuda-graph", cfg.cuda_graph), ("--throughput-baseline", cfg.throughput_baseline)):
+        if given and not cfg.throughput:
+            raise utils.UserError(f"{flag} applies to --throughput measurements; add --throughput or drop {flag}")
+    if cfg.cuda_graph:
+        engine.runtime_name(cfg.compile, cfg.cuda_graph)  # refuses --compile with it
+        engine.check_cuda_graph(device)

@@ -46,11 +46,11 @@ from timm.layers import PatchEmbed
 from timm.models.eva import EvaBlock
 
 import pruning
+from flags import CONVENTIONS
 from utils import UserError
 
 DEFAULT_MODEL = "deit_small_patch16_224"
 
-CONVENTIONS = ("exact", "original")
 
 
 def _check_convention(convention):

@@ -417,8 +417,9 @@ def _timed(timer, items, header):
 
 
 def table_hash(table):
-    """sha256 of the table's canonical JSON, its own hash left out."""
-    body = {k: v for k, v in table.items() if k != "sha256"}
+    """sha256 of the table's canonical JSON, its own hash and its file (``load_table`` and
+    ``obtain_table`` note where it lies) left out."""
+    body = {k: v for k, v in table.items() if k not in ("sha256", "file")}
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
@@ -435,7 +436,7 @@ def describe(table):
 
 
 def save_table(table, path):
-    write_json_atomic(str(path), table)
+    write_json_atomic(str(path), {k: v for k, v in table.items() if k != "file"})
 
 
 def load_table(path):
@@ -449,7 +450,7 @@ def load_table(path):
         raise TableError(f"{path} is not a latency table of this tool (version {TABLE_VERSION})")
     if table_hash(table) != table["sha256"]:
         raise TableError(f"latency table {path} was edited after it was measured (its sha256 does not match)")
-    return table
+    return dict(table, file=str(path))
 
 
 def obtain_table(dense, path, device, batch_size, dtype=torch.float32, round_to=8, fuse="mean", expect_key=None, **kw):
@@ -468,6 +469,7 @@ def obtain_table(dense, path, device, batch_size, dtype=torch.float32, round_to=
     table = measure_table(dense, device, batch_size, dtype, round_to, fuse, **kw)
     if path:
         save_table(table, path)
+        table["file"] = str(path)
     err = table["calibration"]["error_after"]
     dense_ms = predict_ms(table, dims, np.zeros(2 * dims["depth"] + 1), round_to)
     logger.info(f"latency table measured on {describe(table)}: dense {dense_ms:.4g} ms per batch; calibration error "

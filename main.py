@@ -14,189 +14,12 @@ import json
 import logging
 import os
 import sys
-import tempfile
 import time
 
-from flags import (HELP_EPILOG, FlagError, Parser, data_set_defaults, flag_problems, get_args_parser, given_data_set,
-                   paper_settings, run_mode)
+from flags import HELP_EPILOG, FlagError, Parser, check_speed_flags, get_args_parser, given_data_set, round_to_note, \
+    run_mode, settle
 
 logger = logging.getLogger("vitcompress")
-
-
-# ----------------------------------------------------------------------------- settling the configuration
-
-def settle(args):
-    """The run's configuration, settled once: recipe defaults, the --resume (or --finetune) file's
-    own model and input size, every check of the flags. Returns (cfg, contents of that file, or None
-    when it was not read);
-    nothing assigns to the configuration after this."""
-    import datasets
-    import models
-    import torch
-    import utils
-    cfg = argparse.Namespace(**vars(args))
-    if cfg.data_set is None:
-        cfg.data_set = "IMNET" if cfg.data_path else "DIGITS"
-    cfg.data_set = "CIFAR100" if cfg.data_set == "CIFAR" else cfg.data_set
-    recipe = data_set_defaults(cfg.data_set)
-    if cfg.output_dir and os.path.exists(cfg.output_dir) and not os.path.isdir(cfg.output_dir):
-        raise utils.UserError(f"--output_dir {cfg.output_dir} is a file, not a folder")
-    cfg.resume, ckpt = resume_path(cfg), None
-    if cfg.resume:
-        ckpt = models.read_model_file(cfg.resume)
-        info = models.inspect_checkpoint(ckpt, cfg.resume)
-        for key in ("model", "input_size"):
-            if info[key] is not None and getattr(args, key) is not None and getattr(args, key) != info[key] \
-                    and info["arch"] is not None:
-                raise utils.UserError(f"{cfg.resume} holds a model with {key} {info[key]}, not {getattr(args, key)}; "
-                                f"leave out --{key.replace('_', '-')} to use the file's")
-            if info[key] is not None and getattr(args, key) is None:
-                setattr(cfg, key, info[key])
-    if (cfg.finetune and not cfg.resume and os.path.exists(cfg.finetune)
-            and (args.model is None or args.input_size is None)):
-        ckpt = models.read_model_file(cfg.finetune)  # a file, or a Hugging Face folder
-        info = models.inspect_checkpoint(ckpt, cfg.finetune)
-        cfg.model = cfg.model or info["model"]  # this tool's file (or one naming its model): no --model needed
-        cfg.input_size = cfg.input_size or (info["input_size"] if cfg.model == info["model"] else None)
-    if cfg.recipe == "paper":  # the original's settings, for every flag the user left at its default
-        # what each flag parses to when it is not given: get_default would answer --no-model-ema's True
-        # for model_ema, which parses to None when neither --model-ema nor --no-model-ema is given
-        untouched = vars(get_args_parser().parse_args([]))
-        for key, value in paper_settings().items():
-            if getattr(args, key) == untouched[key]:
-                setattr(cfg, key, value)
-    if cfg.criterion is None:  # the paper's setting (--hsic-kernel original) ranks with its HSIC criterion
-        cfg.criterion = "hsic" if cfg.hsic_kernel == "original" else "taylor"
-    elif cfg.hsic_kernel == "original" and cfg.criterion != "hsic":
-        raise utils.UserError(f"--hsic-kernel original is the HSIC criterion's kernel; it does not apply to "
-                              f"--criterion {cfg.criterion}")
-    if cfg.criterion_batches is None and cfg.hsic_kernel == "original":
-        cfg.criterion_batches = 1  # the original ranks on one batch
-    if cfg.input_size is None and cfg.model is not None and cfg.model != recipe["model"]:
-        cfg.input_size = models.native_input_size(cfg.model)
-    for key in recipe:
-        if getattr(cfg, key, None) is None:
-            setattr(cfg, key, recipe[key])
-    if args.num_workers is None:  # DeiT's 10 loader workers, but never more than this machine's CPUs
-        cfg.num_workers = min(cfg.num_workers, os.cpu_count() or 1)
-    cfg.device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    cfg.round_to = cfg.round_to or round_to_default(cfg)
-    cfg.pin_mem = cfg.device.startswith("cuda") if cfg.pin_mem is None else cfg.pin_mem
-    cfg.search_holdout = datasets.parse_holdout(cfg.search_holdout)
-    check_config(cfg)
-    check_flags_apply(args, cfg)
-    return cfg, ckpt
-
-
-def round_to_default(cfg):
-    """--round-to left out: 64 on CUDA (GPU matrix units like such widths), unless the model is a small
-    preset whose MLPs are narrower than 8 x 64; otherwise 8 (fast on CPUs), 1 with --flops-convention
-    original (the original's exact widths)."""
-    import models
-    preset = models.PRESETS.get(cfg.model)
-    small = preset is not None and preset["embed_dim"] * preset.get("mlp_ratio", 4.0) < 8 * 64
-    if cfg.device.startswith("cuda") and not small:
-        return 64
-    return 1 if cfg.flops_convention == "original" else 8
-
-
-def round_to_note(args, cfg):
-    """The warning for a model rebuilt in the original's convention but at GPU widths, or None."""
-    slices = cfg.search or cfg.prune_finetune or cfg.pipeline
-    if slices and args.round_to is None and cfg.flops_convention == "original" and cfg.round_to > 1:
-        return (f"--flops-convention original on {cfg.device}: MLP widths are kept at multiples of {cfg.round_to} "
-                f"(GPU-friendly shapes), not the original's exact widths; --round-to 1 gives those")
-    return None
-
-
-def resume_path(cfg):
-    """--resume, with 'auto' = output_dir/checkpoint.pth: optional when training, required otherwise."""
-    import utils
-    if cfg.resume != "auto":
-        return cfg.resume
-    path = os.path.join(cfg.output_dir, "checkpoint.pth") if cfg.output_dir else ""
-    if path and os.path.exists(path):
-        return path
-    if cfg.eval or cfg.search or cfg.prune_finetune or cfg.throughput:
-        raise utils.UserError(f"--resume auto found no checkpoint ({path or 'no --output_dir given'}); "
-                        f"train first or pass --resume FILE")
-    return ""
-
-
-RUN_MARKERS = ("run.json", "checkpoint.pth", "args.json")  # what this tool leaves in a run's folder
-
-
-def check_output_dir_nesting(output_dir):
-    """Refuse a user's --output_dir inside another run's folder (a parent holding one of
-    RUN_MARKERS): that run's resumable steps, checkpoints and summaries would mix with this one's.
-    The folders the tool lays out itself (a pipeline's dense/, reduceNN/, a run's search/ and
-    prune_finetune/) are derived contexts, which never come through here."""
-    import utils
-    here = os.path.abspath(output_dir)
-    parent = os.path.dirname(here)
-    while parent and parent != here:
-        found = [m for m in RUN_MARKERS if os.path.isfile(os.path.join(parent, m))]
-        if found:
-            raise utils.UserError(f"--output_dir {output_dir} is inside another run's folder {parent} (it holds "
-                                  f"{found[0]}); pass a folder outside it")
-        here, parent = parent, os.path.dirname(parent)
-
-
-def check_config(cfg):
-    import torch
-    import utils
-    if cfg.device.split(":")[0] not in ("cpu", "cuda", "mps"):
-        raise utils.UserError(f"--device {cfg.device}: use cpu, cuda or cuda:N")
-    if cfg.output_dir:  # the user's own folder only: derived step contexts do not pass here
-        check_output_dir_nesting(cfg.output_dir)
-    if cfg.output_dir:  # every rank checks: a folder it cannot write fails here, not in the first checkpoint
-        try:
-            os.makedirs(cfg.output_dir, exist_ok=True)
-            tempfile.TemporaryFile(dir=cfg.output_dir).close()
-        except OSError as e:
-            raise utils.UserError(f"--output_dir {cfg.output_dir} cannot be written ({e.strerror or e})")
-    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        raise utils.UserError(f"--device {cfg.device} asked for but CUDA is not available")
-    trains = not (cfg.eval or cfg.search or cfg.throughput) or cfg.prune_finetune or cfg.pipeline
-    if trains and (cfg.mixup > 0 or cfg.cutmix > 0) and cfg.batch_size % 2:
-        raise utils.UserError(f"mixup/cutmix need an even --batch-size, got {cfg.batch_size} "
-                              "(or pass --mixup 0 --cutmix 0)")
-    if cfg.pipeline and not cfg.output_dir:
-        raise utils.UserError("--pipeline needs --output_dir")
-    budgets = [flag for flag, value in (("--search_flops", cfg.search_flops),
-                                        ("--search-reduction", cfg.search_reduction),
-                                        ("--search-speedup", cfg.search_speedup),
-                                        ("--search-latency-ms", cfg.search_latency_ms)) if value is not None]
-    if len(budgets) > 1:
-        raise utils.UserError(f"give one budget, not {' and '.join(budgets)}")
-    latency_budget = cfg.search_speedup is not None or cfg.search_latency_ms is not None or cfg.pipeline_speedups
-    if (cfg.latency_table or cfg.latency_batch) and not (latency_budget or cfg.prune_finetune):
-        raise utils.UserError("--latency-table and --latency-batch apply to a latency budget (--search-speedup, "
-                              "--search-latency-ms, --pipeline-speedups) and to --prune_finetune's speed report")
-
-def check_flags_apply(args, cfg):
-    """Refuses the first flag given where it does nothing and contradicts the run (UserError, one
-    line), and warns about the others on stderr, one line each, from rank 0 alone."""
-    import utils
-    refusals, warnings = flag_problems(args, cfg)
-    if refusals:
-        raise utils.UserError(refusals[0])
-    if os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0":
-        for line in warnings:
-            print(f"warning: {line}", file=sys.stderr)
-
-
-def check_speed_flags(cfg, device):
-    """The flags of --throughput alone, refused in one line before any work: --cuda-graph and
-    --throughput-baseline need --throughput, --cuda-graph a CUDA device and no --compile."""
-    import engine
-    import utils
-    for flag, given in (("--cuda-graph", cfg.cuda_graph), ("--throughput-baseline", cfg.throughput_baseline)):
-        if given and not cfg.throughput:
-            raise utils.UserError(f"{flag} applies to --throughput measurements; add --throughput or drop {flag}")
-    if cfg.cuda_graph:
-        engine.runtime_name(cfg.compile, cfg.cuda_graph)  # refuses --compile with it
-        engine.check_cuda_graph(device)
 
 
 class Context:
@@ -285,12 +108,6 @@ def run_train(ctx):
     model, arch, ckpt = load_model(ctx, data["num_classes"])
     state = ckpt if ckpt is not None and models.inspect_checkpoint(ckpt, cfg.resume)["training"] else None
     recipe = make_recipe(cfg, ctx.world_size)
-    if ctx.out:
-        identity = {"step": "train", "model": arch["model"], "data_set": cfg.data_set, "input_size": arch["input_size"],
-                    "num_classes": arch["num_classes"], "prune_spec": bool(arch.get("prune_spec")),
-                    "seed": cfg.seed, "distillation": recipe.distillation}
-        fresh = state is None or os.path.dirname(os.path.abspath(cfg.resume)) != os.path.abspath(ctx.out)
-        utils.decide_on_rank0(lambda: utils.check_run_identity(ctx.out, identity, "training", fresh=fresh))
     teacher = None
     if cfg.teacher_path and recipe.distillation == "none":
         logger.warning("--teacher-path is not used: pretraining distils only with --distillation-type soft or hard")
@@ -300,7 +117,7 @@ def run_train(ctx):
     logger.info(f"training {arch['model']} on {cfg.data_set}: {len(data['train_set'])} images, {recipe.epochs} "
                 f"epochs, {ctx.world_size} process(es), device {ctx.device}")
     stats = engine.fit(model, data["train"], data["val"], recipe=recipe, num_classes=data["num_classes"], arch=arch,
-                       teacher=teacher, resume=state,
+                       teacher=teacher, resume=state, identity={"data_set": cfg.data_set},
                        extra={"args": utils.primitives(vars(cfg)), "recipe": recipe.as_dict()},
                        run_dir=ctx.out, device=ctx.device, amp=ctx.amp, distributed=ctx.distributed, rank=ctx.rank)
     logger.info(f"final val top-1 {stats['acc1']:.2f} top-5 {stats['acc5']:.2f}")
@@ -496,7 +313,7 @@ def run_search(ctx):
     dense_gmacs = flops.model_macs(dense, convention=cfg.flops_convention)["macs"] / 1e9
     settings = engine.SearchSettings.take(cfg, active=active_dims(cfg, dense))
     dims = pruning.model_dims(dense)
-    table, table_path = latency_table(ctx, dense) if settings.latency_budget else (None, "")
+    table = latency_table(ctx, dense)[0] if settings.latency_budget else None
     dense_cost = float(settings.cost(dims, table)(np.zeros((1, 2 * dims["depth"] + 1)))[0])
     sampler = settings.space(dims, settings.target(dense_gmacs, dense_cost), table)
     split, split_desc = datasets.search_split(train_plain, datasets.build_dataset(False, ctx.data)[0],
@@ -511,10 +328,8 @@ def run_search(ctx):
         dense, datasets.split_loader(split, ctx.data, ctx.distributed),
         rankings=lambda: rank_dense(ctx, dense, train_plain), sampler=sampler, settings=settings,
         val_loader=datasets.build_loaders(ctx.data, ctx.distributed, train=False)["val"],
-        identity={"criterion": criterion_settings(cfg), "dense": arch["model"], "dense_weights": weights,
-                  "split": split_desc},
-        record=dict(criterion=cfg.criterion, model=arch["model"], input_size=arch["input_size"],
-                    **({"latency_table_file": table_path} if table else {})),
+        identity={"criterion": criterion_settings(cfg), "model": arch["model"], "input_size": arch["input_size"],
+                  "dense_weights": weights, "split": split_desc},
         latency_table=table, run_dir=out, device=ctx.device, amp=ctx.amp, distributed=ctx.distributed,
         rank=ctx.rank)["result"]
 
@@ -559,7 +374,7 @@ def run_prune_finetune(ctx):
         recipe=make_recipe(cfg, ctx.world_size, finetune=True), settings=engine.SearchSettings.take(cfg),
         identity={"dense_weights": weights, "rankings": "search" if rankings else criterion_settings(cfg),
                   "global_batch": cfg.batch_size * ctx.world_size},  # the lr scales with it: say why a run differs
-        record={"policy": policy, "policy_source": source}, extra={"args": utils.primitives(vars(cfg))},
+        extra={"args": utils.primitives(vars(cfg)), "policy_source": source},
         latency_table=searched_table(ctx, dense, source),
         run_dir=os.path.join(ctx.out, "prune_finetune") if ctx.out else None, device=ctx.device, amp=ctx.amp,
         distributed=ctx.distributed, rank=ctx.rank)
@@ -569,7 +384,6 @@ def run_pipeline(ctx):
     """Pretrain -> search -> prune+finetune for each reduction, then a dense-vs-compressed table.
     Rerunning the same command re-does no finished step (each decision taken on rank 0)."""
     import engine
-    import models
     import plots
     import utils
     cfg = ctx.cfg
@@ -579,7 +393,7 @@ def run_pipeline(ctx):
     exists = utils.decide_on_rank0(lambda: os.path.exists(dense_ckpt))
     run_train(ctx.derive(dense_dir, resume=dense_ckpt if exists else "", eval=False, search=False,
                          prune_finetune=False))
-    rows, weights = [], models.weights_fingerprint(models.load(dense_ckpt)[0])
+    rows = []
     targets = [("reduce", r) for r in cfg.pipeline_reductions] + [("speedup", s) for s in cfg.pipeline_speedups]
     for kind, r in targets:
         if kind == "reduce":
@@ -591,24 +405,11 @@ def run_pipeline(ctx):
                       "latency_table": cfg.latency_table or table_setting(ctx)[0]}
         step = ctx.derive(sub, resume=dense_ckpt, search_flops=None,
                           policy=os.path.join(sub, "search", "best_policy.json"), **budget)
-
-        def finished(name, path):
-            if os.path.exists(path):
-                done = json.load(open(path))
-                if done.get("dense_weights", weights) != weights:
-                    raise utils.UserError(f"the {name} in {path} started from other weights than {dense_ckpt} holds "
-                                          f"now (retrained?); delete {sub} to redo it, or use another --output_dir")
-                logger.info(f"pipeline: using the finished {name} in {path}")
-                return done
-        found = utils.decide_on_rank0(lambda: finished("search", step.cfg.policy))
-        if found is None:
-            logger.info(f"pipeline 2/3: searching a policy with {what}")
-            found = run_search(step)
-        res = utils.decide_on_rank0(
-            lambda: finished("prune+finetune", os.path.join(sub, "prune_finetune", "result.json")))
-        if res is None:
-            logger.info(f"pipeline 3/3: pruning and finetuning into {sub}/prune_finetune")
-            res = run_prune_finetune(step)
+        # each step continues or reuses its own folder, and refuses one made from other dense weights
+        logger.info(f"pipeline 2/3: searching a policy with {what}")
+        found = run_search(step)
+        logger.info(f"pipeline 3/3: pruning and finetuning into {sub}/prune_finetune")
+        res = run_prune_finetune(step)
         label = f"-{100 * r:.0f}% GMACs" if kind == "reduce" else f"{r:g}x speed-up budget"
         rows.append(dict(res, reduction=r if kind == "reduce" else 1 - res["gmacs"] / res["dense_gmacs"], label=label,
                          search_val_acc1=found.get("val_acc1_before_finetune")))

@@ -76,8 +76,9 @@ from timm.models.eva import Eva, EvaAttention, EvaBlock
 from timm.layers.attention_pool import AttentionPoolLatent
 from timm.models.vision_transformer import Attention, Block
 
+from flags import FUSE_MODES
+
 SPEC_VERSION = 1
-FUSE_MODES = ("mean", "weighted")
 ROUNDINGS = ("exact", "original")
 # a third, a half-plus and five-sixths of the depth, as twelfths (blocks 4, 7, 10 of 12, 1-based)
 _SCHEDULE_TWELFTHS = (4, 7, 10)

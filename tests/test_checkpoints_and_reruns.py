@@ -292,14 +292,15 @@ def test_flops_cli_one_line_errors(tmp_path, capsys):
 
 def test_help_and_flag_errors_load_no_heavy_library():
     """--help and a bad flag answer before torch, timm and scikit-learn are imported, and the
-    choices flags.py spells out for that are the library's own."""
+    library checks its arguments against the choices flags.py defines (the same objects, not copies)."""
     import datasets
     import dependency_criterion as dc
     import engine
     assert set(flags.DATA_SETS) == set(datasets.DATA_SETS) | {"CIFAR"}  # CIFAR: CIFAR100, as in DeiT
-    assert (flags.CRITERIA, flags.KERNELS) == (tuple(dc.CRITERIA), tuple(dc.KERNELS))
-    assert (flags.SEARCH_OBJECTIVES, flags.CONVENTIONS) == (tuple(engine.SEARCH_OBJECTIVES), tuple(flops.CONVENTIONS))
-    assert flags.MAGNITUDES == tuple(dc.MAGNITUDES)
+    assert (dc.CRITERIA, dc.KERNELS, dc.MAGNITUDES, dc.BANDWIDTHS) == (flags.CRITERIA, flags.KERNELS, flags.MAGNITUDES,
+                                                                       flags.BANDWIDTHS)
+    assert engine.SEARCH_OBJECTIVES is flags.SEARCH_OBJECTIVES and flops.CONVENTIONS is flags.CONVENTIONS
+    assert pruning.FUSE_MODES is flags.FUSE_MODES and dc.CRITERIA is flags.CRITERIA
     code = ("import sys, main\nfor argv in (['--help'], ['--criterion', 'nope']):\n"
             "    try:\n        print('exit', main.cli(argv))\n"
             "    except SystemExit as e:\n        print('exit', e.code)\n"
@@ -316,11 +317,11 @@ def test_help_and_flag_errors_load_no_heavy_library():
 def test_default_criterion_is_taylor_and_the_paper_setting_ranks_with_hsic():
     import main
     parse = argparse.ArgumentParser(parents=[main.get_args_parser()]).parse_args
-    assert main.settle(parse([]))[0].criterion == "taylor"
-    assert main.settle(parse(["--hsic-kernel", "original"]))[0].criterion == "hsic"
-    assert main.settle(parse(["--criterion", "hsic"]))[0].criterion == "hsic"
+    assert flags.settle(parse([]))[0].criterion == "taylor"
+    assert flags.settle(parse(["--hsic-kernel", "original"]))[0].criterion == "hsic"
+    assert flags.settle(parse(["--criterion", "hsic"]))[0].criterion == "hsic"
     with pytest.raises(utils.UserError, match="does not apply to --criterion magnitude"):
-        main.settle(parse(["--criterion", "magnitude", "--hsic-kernel", "original"]))
+        flags.settle(parse(["--criterion", "magnitude", "--hsic-kernel", "original"]))
 
 
 # ----------------------------------------------------------------------------- teachers
@@ -377,8 +378,11 @@ def test_finished_pipeline_rerun_under_torchrun_redoes_nothing(tmp_path):
     files = [out / "dense" / "log.jsonl", out / "reduce40" / "search" / "search_log.jsonl",
              out / "reduce40" / "prune_finetune" / "log.jsonl", out / "reduce40" / "prune_finetune" / "compressed.pth"]
     before = [(f.stat().st_mtime_ns, f.read_bytes()) for f in files]
+    # two processes at half the batch: the same global batch, so the same runs (another global batch
+    # scales the finetuning lr, and each step refuses it as another run)
     res = run_subprocess([PY, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                          f"--master_port={utils.free_port()}", "main.py"] + argv, timeout=240)
+                          f"--master_port={utils.free_port()}", "main.py"] + argv + ["--batch-size", "16"],
+                         timeout=240)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "using the finished search" in res.stderr and "using the finished prune+finetune" in res.stderr
     assert [(f.stat().st_mtime_ns, f.read_bytes()) for f in files] == before

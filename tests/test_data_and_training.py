@@ -9,6 +9,7 @@ import torch
 
 import datasets
 import engine
+import flags
 import main
 import models
 import utils
@@ -315,7 +316,7 @@ def test_unreadable_images_are_skipped(tmp_path, caplog):
     broken = os.path.join(root, "train", "a", "0.png")
     with open(broken, "wb") as f:
         f.write(b"\x89PNG truncated")
-    cfg, _ = main.settle(main.get_args_parser().parse_args(["--data-path", root, "--input-size", "32"]))
+    cfg, _ = flags.settle(main.get_args_parser().parse_args(["--data-path", root, "--input-size", "32"]))
     ds, ncls = datasets.build_dataset(True, datasets.DataConfig.take(cfg))
     assert ncls == 2
     import logging

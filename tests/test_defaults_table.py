@@ -50,10 +50,10 @@ def test_data_set_help_shows_its_row_alone(data_set):
 def test_settle_takes_the_table_and_a_given_flag_wins():
     parse = main.Parser("main.py", parents=[main.get_args_parser()]).parse_args
     for data_set in ("CLUTTERED_DIGITS", "DIGITS"):
-        cfg, _ = main.settle(parse(["--data-set", data_set]))
+        cfg, _ = flags.settle(parse(["--data-set", data_set]))
         for key, value in flags.DATA_SET_DEFAULTS[data_set].items():
             assert getattr(cfg, key) == value, (data_set, key)
-    cfg, _ = main.settle(parse(["--data-set", "CLUTTERED_DIGITS", "--finetune-epochs", "2"]))
+    cfg, _ = flags.settle(parse(["--data-set", "CLUTTERED_DIGITS", "--finetune-epochs", "2"]))
     assert cfg.finetune_epochs == 2
 
 
@@ -83,7 +83,7 @@ def test_cooldown_epochs_add_epochs_at_the_minimum_lr(tmp_path):
     import utils
 
     parse = main.Parser("main.py", parents=[main.get_args_parser()]).parse_args
-    cfg, _ = main.settle(parse(["--cooldown-epochs", "2", "--epochs", "2", "--min-lr", "1e-4", "--device", "cpu"]))
+    cfg, _ = flags.settle(parse(["--cooldown-epochs", "2", "--epochs", "2", "--min-lr", "1e-4", "--device", "cpu"]))
     recipe = main.make_recipe(cfg, world_size=1)
     assert (recipe.epochs, recipe.cooldown_epochs, recipe.min_lr) == (2, 2, 1e-4)
     recipe = engine.Recipe(epochs=2, cooldown_epochs=2, lr=1e-2, min_lr=1e-4, warmup_epochs=0, max_steps=2,

@@ -18,7 +18,7 @@ def parse(argv):
 
 
 def settle(argv):
-    return main.settle(parse(argv))[0]
+    return flags.settle(parse(argv))[0]
 
 
 def warnings_of(capsys):

@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+import flags
 import main
 import models
 import pruning
@@ -10,7 +11,7 @@ import pruning
 def settled(monkeypatch, argv, cuda=True):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)  # check_config asks before a CUDA run
     args = main.Parser("main.py", parents=[main.get_args_parser()]).parse_args(argv)
-    return args, main.settle(args)[0]
+    return args, flags.settle(args)[0]
 
 
 @pytest.mark.parametrize("argv, cuda, round_to", [
@@ -35,11 +36,11 @@ def test_small_presets_keep_the_cpu_default_on_cuda(monkeypatch):
 def test_original_convention_on_cuda_says_round_to_1_gives_its_widths(monkeypatch):
     base = ["--model", "deit_small_patch16_224", "--device", "cuda", "--flops-convention", "original",
             "--prune_finetune"]
-    note = main.round_to_note(*settled(monkeypatch, base))
+    note = flags.round_to_note(*settled(monkeypatch, base))
     assert "multiples of 64" in note and "--round-to 1" in note and "\n" not in note
-    assert main.round_to_note(*settled(monkeypatch, base + ["--round-to", "64"])) is None  # asked for
-    assert main.round_to_note(*settled(monkeypatch, base[:-1])) is None                    # nothing is sliced
-    assert main.round_to_note(*settled(monkeypatch, base[:4] + ["--prune_finetune"])) is None  # exact convention
+    assert flags.round_to_note(*settled(monkeypatch, base + ["--round-to", "64"])) is None  # asked for
+    assert flags.round_to_note(*settled(monkeypatch, base[:-1])) is None                    # nothing is sliced
+    assert flags.round_to_note(*settled(monkeypatch, base[:4] + ["--prune_finetune"])) is None  # exact convention
 
 
 def test_misaligned_widths_names_the_blocks():

@@ -71,19 +71,19 @@ def test_set_drop_path_is_timms_schedule():
 
 
 def test_paper_recipe_settles_every_value_unless_a_flag_is_given():
-    cfg, _ = main.settle(main.get_args_parser().parse_args(["--recipe", "paper"]))
+    cfg, _ = flags.settle(main.get_args_parser().parse_args(["--recipe", "paper"]))
     paper = flags.paper_settings()
     assert {k: getattr(cfg, k) for k in paper} == paper
     recipe = main.make_recipe(cfg, 1, finetune=True)
     assert recipe.model_ema is True and recipe.drop_path == 0.1 and recipe.distillation == "none"
     assert datasets.DataConfig.take(cfg).repeated_aug is True
     given = ["--recipe", "paper", "--no-model-ema", "--no-repeated-aug", "--drop-path", "0", "--finetune-epochs", "2"]
-    cfg, _ = main.settle(main.get_args_parser().parse_args(given))
+    cfg, _ = flags.settle(main.get_args_parser().parse_args(given))
     assert (cfg.model_ema, cfg.repeated_aug, cfg.drop_path, cfg.finetune_epochs) == (False, False, 0.0, 2)
     assert cfg.mixup == paper["mixup"]  # the flags left alone still take the paper's values
     recipe = main.make_recipe(cfg, 1, finetune=True)
     assert recipe.model_ema is False and recipe.drop_path == 0.0
-    cfg, _ = main.settle(main.get_args_parser().parse_args(["--recipe", "paper", "--model-ema"]))
+    cfg, _ = flags.settle(main.get_args_parser().parse_args(["--recipe", "paper", "--model-ema"]))
     assert cfg.model_ema is True
 
 

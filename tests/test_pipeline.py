@@ -147,7 +147,7 @@ def test_pipeline_smoke(tmp_path):
     code, out, err = run_cli(FAST + ["--pipeline", "--epochs", "2", "--max-steps", "4", "--search_population", "3",
                                      "--search_epoch", "2", "--finetune-epochs", "1", "--search-holdout", "50",
                                      "--pipeline-reductions", "0.4,0.6", "--output_dir", tmp_path])
-    assert code == 2 and "started from other weights" in err and "reduce40" in err, err
+    assert code == 2 and "holds another search run (dense_weights" in err and "reduce40" in err, err
 
 
 @pytest.mark.slow

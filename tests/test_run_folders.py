@@ -68,13 +68,12 @@ def test_search_policy_folder_resumes_by_replay_and_refuses_another_search(setup
         run_dir=out,
         identity=identity,
         val_loader=setup["data"]["val"],
-        record={"note": "x"},
     )
     assert calls == [1]
     res = first["result"]
     assert len(utils.read_jsonl(os.path.join(out, "search_log.jsonl"))) == 5
     stored = json.load(open(os.path.join(out, "best_policy.json")))
-    assert stored["policy"] == res["policy"] and stored["note"] == "x" and stored["rankings"] is not None
+    assert stored["policy"] == res["policy"] and stored["seed"] == 1 and stored["rankings"] is not None
     # the stored rankings and policy rebuild the model the search scored: same GMACs as recorded
     assert flops.model_macs(first["model"])["macs"] / 1e9 == pytest.approx(res["gmacs"])
     assert sampler.is_feasible(np.asarray(res["vector"])[None])[0]
@@ -86,7 +85,9 @@ def test_search_policy_folder_resumes_by_replay_and_refuses_another_search(setup
     assert flops.main(["--resume", dense_file, "--policy", os.path.join(out, "best_policy.json"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["macs"] == round(res["gmacs"] * 1e9)
 
-    # a rerun replays the log (no new evaluation, rankings read back, not recomputed): same result
+    # a rerun of the finished search returns it (no evaluation, no ranking) and touches no file
+    names = sorted(os.listdir(out))
+    stamps = [os.stat(os.path.join(out, n)).st_mtime_ns for n in names]
     again = engine.search_policy(
         model,
         setup["held_out"],
@@ -100,6 +101,8 @@ def test_search_policy_folder_resumes_by_replay_and_refuses_another_search(setup
     assert calls == [1]
     assert len(utils.read_jsonl(os.path.join(out, "search_log.jsonl"))) == 5
     assert again["result"]["policy"] == res["policy"] and again["result"]["search_score"] == res["search_score"]
+    assert again["result"] == stored and [os.stat(os.path.join(out, n)).st_mtime_ns for n in names] == stamps
+    assert flops.model_macs(again["model"])["macs"] == flops.model_macs(first["model"])["macs"]
 
     # a shorter search in the same folder is the first evaluations of the log, which keeps them all
     shorter = engine.search_policy(
@@ -171,7 +174,6 @@ def test_prune_finetune_folder_continues_and_refuses_another_policy(setup, tmp_p
         device=CPU,
         run_dir=run_dir,
         identity=identity,
-        record={"policy": policy},
     )
     assert calls == [1]
     assert json.load(open(os.path.join(run_dir, "result.json")))["policy"] == policy
@@ -180,7 +182,9 @@ def test_prune_finetune_folder_continues_and_refuses_another_policy(setup, tmp_p
     assert arch["prune_spec"] == expected.prune_spec
     assert flops.model_macs(small)["macs"] / 1e9 == pytest.approx(res["gmacs"])
 
-    # the same run again continues the checkpoint (no ranking) and reports the same pre-finetune top-1
+    # the finished run again returns its result (no ranking, no training) and touches no file
+    names = sorted(os.listdir(run_dir))
+    stamps = [os.stat(os.path.join(run_dir, n)).st_mtime_ns for n in names]
     again = engine.prune_finetune(
         model,
         setup["data"],
@@ -192,7 +196,22 @@ def test_prune_finetune_folder_continues_and_refuses_another_policy(setup, tmp_p
         run_dir=run_dir,
         identity=identity,
     )
-    assert calls == [1] and again["acc1_before_finetune"] == res["acc1_before_finetune"]
+    assert calls == [1] and again == json.load(open(os.path.join(run_dir, "result.json")))
+    assert [os.stat(os.path.join(run_dir, n)).st_mtime_ns for n in names] == stamps
+    # one more epoch continues the checkpoint (no ranking) and reports the same pre-finetune top-1
+    longer = engine.prune_finetune(
+        model,
+        setup["data"],
+        dense_arch=setup["arch"],
+        policy=policy,
+        rankings=counted_rankings(setup["rankings"], calls),
+        recipe=dataclasses.replace(recipe, epochs=2),
+        device=CPU,
+        run_dir=run_dir,
+        identity=identity,
+    )
+    assert calls == [1] and longer["acc1_before_finetune"] == res["acc1_before_finetune"]
+    assert [r["epoch"] for r in utils.read_jsonl(os.path.join(run_dir, "log.jsonl"))] == [0, 1]
 
     other = pruning.uniform_policy(pruning.model_dims(model)["depth"], 0.25, 0.5, 0.0)
     with pytest.raises(utils.UserError, match="another prune\\+finetune run"):

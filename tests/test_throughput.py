@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import engine
+import flags
 import main
 import models
 from helpers import run_cli
@@ -100,7 +101,7 @@ def test_amp_dtype_reaches_autocast_and_the_grad_scaler():
         engine.half_dtype("float8")
     assert isinstance(engine.autocast(CPU, "float16"), type(engine.autocast(CPU, False)))  # a no-op off CUDA
     # the flag settles into the Context's amp setting, which is what every engine function receives
-    cfg = main.settle(main.Parser("main.py", parents=[main.get_args_parser()]).parse_args(
+    cfg = flags.settle(main.Parser("main.py", parents=[main.get_args_parser()]).parse_args(
         ["--model", PICO, "--amp-dtype", "float16"]))[0]
     cuda = {"device": torch.device("cuda"), "rank": 0, "distributed": False, "world_size": 1}
     ctx = main.Context(cfg, cuda)
