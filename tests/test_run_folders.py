@@ -238,3 +238,30 @@ def test_prune_finetune_folder_continues_and_refuses_another_policy(setup, tmp_p
             device=CPU,
             run_dir=run_dir,
         )
+
+
+def test_fit_checks_its_own_run_identity(setup, tmp_path):
+    """fit with an identity records the training run in run.json; continuing it under another
+    identity is refused in one line, and a fresh run (no resume) records itself over it."""
+    run_dir, recipe = str(tmp_path / "train"), engine.Recipe(epochs=1, lr=1e-3, max_steps=2)
+    model = models.build_model("vit_pico_patch8_32", num_classes=10)
+
+    def train(identity, resume=None, **kw):
+        return engine.fit(model, setup["data"]["train"], setup["data"]["val"], recipe=dataclasses.replace(recipe, **kw),
+                          num_classes=10, arch=setup["arch"], identity=identity, resume=resume, run_dir=run_dir,
+                          device=CPU)
+
+    train({"data_set": "DIGITS"})
+    stored = json.load(open(os.path.join(run_dir, "run.json")))
+    assert stored == {"step": "train", "model": "vit_pico_patch8_32", "input_size": 32, "num_classes": 10,
+                      "prune_spec": False, "seed": 0, "distillation": "none", "data_set": "DIGITS"}
+    state = utils.load_checkpoint_file(os.path.join(run_dir, "checkpoint.pth"))
+    with pytest.raises(utils.UserError, match="another training run \\(data_set 'DIGITS' -> 'CLUTTERED_DIGITS'\\)"):
+        train({"data_set": "CLUTTERED_DIGITS"}, resume=state, epochs=2)
+    with pytest.raises(utils.UserError, match="seed 0 -> 1"):  # the recipe's part, with no help from the caller
+        train({"data_set": "DIGITS"}, resume=state, epochs=2, seed=1)
+    train({"data_set": "DIGITS"}, resume=state, epochs=2)  # the same run continues
+    assert [r["epoch"] for r in utils.read_jsonl(os.path.join(run_dir, "log.jsonl"))] == [0, 1]
+    train({"data_set": "CLUTTERED_DIGITS"})  # a fresh run: its identity over the old one, the old files kept
+    assert json.load(open(os.path.join(run_dir, "run.json")))["data_set"] == "CLUTTERED_DIGITS"
+    assert os.path.exists(os.path.join(run_dir, "checkpoint.previous.pth"))
