@@ -6,8 +6,9 @@
     python main.py ... --resume logs/deit_small.pth --neuron_pruning --head_pruning --token_pruning --prune_finetune
 
 Launch the same way with torchrun, ``python -m torch.distributed.launch --use_env`` or srun.
-Each function imports the library modules it needs, so that ``--help`` and a bad flag (flags.py)
-answer without loading torch, timm and scikit-learn.
+flags.py parses and settles the configuration; here a Context holds what every mode needs and each
+mode composes the library's steps on one screen. Each function imports the library modules it
+needs, so that ``--help`` and a bad flag answer without loading torch, timm and scikit-learn.
 """
 import argparse
 import json
