@@ -41,7 +41,7 @@ import torch
 from timm.models.eva import Eva
 
 import pruning
-from utils import Progress, UserError, write_json_atomic
+from utils import Progress, UserError, read_json_object, write_json_atomic
 
 def synchronize(device):
     """Wait for the device's queued work (a no-op off CUDA)."""
@@ -441,12 +441,8 @@ def save_table(table, path):
 
 def load_table(path):
     """A table from ``path``, its hash checked (TableError in one line otherwise)."""
-    try:
-        with open(path) as f:
-            table = json.load(f)
-    except (OSError, ValueError) as e:
-        raise TableError(f"cannot read latency table {path}: {e}") from e
-    if not isinstance(table, dict) or table.get("version") != TABLE_VERSION or "sha256" not in table:
+    table = read_json_object(path, TableError)
+    if table.get("version") != TABLE_VERSION or "sha256" not in table:
         raise TableError(f"{path} is not a latency table of this tool (version {TABLE_VERSION})")
     if table_hash(table) != table["sha256"]:
         raise TableError(f"latency table {path} was edited after it was measured (its sha256 does not match)")

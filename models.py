@@ -8,7 +8,6 @@ Every checkpoint this project writes carries an ``arch`` entry of primitives:
 import difflib
 import functools
 import hashlib
-import json
 import logging
 import math
 import os
@@ -23,7 +22,8 @@ from timm.models.eva import Eva, EvaBlock
 from timm.models.vision_transformer import Block, VisionTransformer
 
 from pruning import SpecError, apply_spec, vit_blocks
-from utils import CheckpointError, UserError, clean_message, load_checkpoint_file, save_atomic, state_dict_of
+from utils import (CheckpointError, UserError, clean_message, load_checkpoint_file, read_json_object, save_atomic,
+                   state_dict_of)
 
 logger = logging.getLogger("vitcompress")
 
@@ -445,7 +445,7 @@ def read_hf_folder(path):
         hint = f"; did you mean {inside}?" if os.path.isfile(inside) else ""
         raise CheckpointError(f"{path} is a folder without config.json, not a Hugging Face model folder: pass a "
                               f"model file{hint}")
-    config = _read_json(config_file)
+    config = read_json_object(config_file, CheckpointError)
     kinds = config.get("architectures")
     kind = kinds[0] if isinstance(kinds, list) and kinds else None
     if kind not in HF_CLASSES:
@@ -495,17 +495,6 @@ def read_hf_folder(path):
     return {"arch": arch, "model": state, "format": f"Hugging Face {kind} folder"}
 
 
-def _read_json(file):
-    try:
-        with open(file) as f:
-            obj = json.load(f)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{file} is not a readable JSON file: {clean_message(e)}") from e
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"{file} does not hold a JSON object")
-    return obj
-
-
 def _hf_size(file, key, value):
     """A positive int from a Hugging Face config; [n, n] (a square image or patch) counts as n."""
     if isinstance(value, (list, tuple)) and len(value) == 2 and value[0] == value[1]:
@@ -523,7 +512,7 @@ def _hf_weights(path):
         raise CheckpointError(f"{path} has a config.json but none of {', '.join(HF_WEIGHT_FILES)}")
     files = [name]
     if name.endswith(".index.json"):  # a sharded checkpoint: the index maps each weight to its file
-        weight_map = _read_json(os.path.join(path, name)).get("weight_map")
+        weight_map = read_json_object(os.path.join(path, name), CheckpointError).get("weight_map")
         files = sorted(set(weight_map.values())) if isinstance(weight_map, dict) else []
         if not files or any(not isinstance(f, str) or os.path.basename(f) != f for f in files):
             raise CheckpointError(f"{os.path.join(path, name)} does not list weight files of this folder")
@@ -579,7 +568,7 @@ def _hf_to_timm(hf, root, token, heads, depth, qkv_bias, source):
 def _hf_mean_std(path, channels):
     """([mean], [std]) per channel from preprocessor_config.json, else ViTImageProcessor's 0.5."""
     file = os.path.join(path, "preprocessor_config.json")
-    pre = _read_json(file) if os.path.isfile(file) else {}
+    pre = read_json_object(file, CheckpointError) if os.path.isfile(file) else {}
     if pre.get("do_normalize") is False:
         return [0.0] * channels, [1.0] * channels
     out = []

@@ -241,6 +241,18 @@ def write_jsonl(path, records):
     os.replace(tmp, path)
 
 
+def read_json_object(path, error=UserError):
+    """The JSON object (a dict) in ``path``; ``error`` (a UserError class) in one line otherwise."""
+    try:
+        with open(path) as f:
+            obj = json.load(f)
+    except (OSError, ValueError) as e:
+        raise error(f"{path} is not a readable JSON file: {clean_message(e)}") from e
+    if not isinstance(obj, dict):
+        raise error(f"{path} does not hold a JSON object")
+    return obj
+
+
 def write_json_atomic(path, obj):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
