@@ -356,6 +356,34 @@ def interleaved_throughput(models, device, batch_size, input_size, amp=False, ro
              "dtype": name, "runtime": runtime, "device": str(device)} for ms, ms1 in times]
 
 
+def speed_report(model, device, batch_size, input_size, *, baseline=None, amp=False, compile=False, cuda_graph=False):
+    """--throughput's figures of ``model``: GMACs, params, images/s at ``batch_size`` and batch-1 ms
+    (interleaved_throughput, 10 rounds). With a ``baseline`` model, both are measured interleaved in
+    the same run and the speed-ups over it are given beside the GMACs ratio."""
+    measured = [model] + ([baseline] if baseline is not None else [])
+    macs = [flops.model_macs(m) for m in measured]
+    speeds = interleaved_throughput(measured, device, batch_size, input_size, amp=amp, rounds=10, warmup=3,
+                                    compile=compile, cuda_graph=cuda_graph)
+    report = {"gmacs": macs[0]["macs"] / 1e9, "params": macs[0]["params"], "images_per_s": speeds[0]["images_per_s"],
+              "batch1_ms": speeds[0]["batch1_ms"], "batch": batch_size, "device": str(device),
+              "dtype": speeds[0]["dtype"], "runtime": speeds[0]["runtime"], "amp": bool(amp),
+              "compiled": bool(compile)}
+    logger.info(f"{report['gmacs']:.4g} GMACs, {report['params'] / 1e6:.2f} M params, {report['images_per_s']:.1f} "
+                f"images/s at batch {batch_size}, {report['batch1_ms']:.3g} ms at batch 1 on {device} "
+                f"({report['dtype']}, {report['runtime']})")
+    if baseline is not None:
+        base = speeds[1]
+        report.update(baseline={"gmacs": macs[1]["macs"] / 1e9, "params": macs[1]["params"],
+                                "images_per_s": base["images_per_s"], "batch1_ms": base["batch1_ms"]},
+                      speedup=base["batch_ms"] / speeds[0]["batch_ms"],
+                      speedup_batch1=base["batch1_ms"] / speeds[0]["batch1_ms"],
+                      macs_ratio=macs[1]["macs"] / macs[0]["macs"])
+        logger.info(f"speed-up over the baseline ({report['baseline']['gmacs']:.4g} GMACs), measured in this run: "
+                    f"{report['speedup']:.2f}x at batch {batch_size}, {report['speedup_batch1']:.2f}x at batch 1; "
+                    f"GMACs ratio {report['macs_ratio']:.2f}x")
+    return report
+
+
 def _timed_batches(models, device, batch_size, input_size, dtype, compile, cuda_graph, warmup, rounds, reps,
                    runtime):
     """[(ms per forward at ``batch_size``, ms per forward at batch 1)] of each prepared model

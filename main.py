@@ -139,43 +139,22 @@ def run_eval(ctx):
 
 
 def run_throughput(ctx):
-    """--throughput: GMACs, params and the measured speed of the model (engine.interleaved_throughput:
-    images/s at --throughput-batch and ms at batch 1, in --amp-dtype's weights on CUDA, float32
-    elsewhere, in the runtime that --compile / --cuda-graph name). With --throughput-baseline FILE,
-    FILE's model is measured interleaved in the same run and the speed-ups over it are reported
-    beside the GMACs ratio. Prints one JSON line (rank 0) and returns it as a dict."""
+    """--throughput: GMACs, params and the measured speed of the model (engine.speed_report), in
+    --amp-dtype's weights on CUDA, float32 elsewhere, in the runtime that --compile / --cuda-graph
+    name; with --throughput-baseline FILE, the speed-ups over FILE's model measured in the same run.
+    Prints one JSON line (rank 0) and returns it as a dict."""
     import datasets
     import engine
-    import flops
     cfg = ctx.cfg
     model, arch, _ = load_model(ctx, None if cfg.resume else datasets.num_classes_of(cfg.data_set))
-    macs = flops.model_macs(model.to(ctx.device))
-    measured = [model]
-    if cfg.throughput_baseline:
-        baseline, base_arch = load_baseline(cfg.throughput_baseline, arch["input_size"], ctx.device)
-        base_macs = flops.model_macs(baseline)
-        measured.append(baseline)
-    speeds = engine.interleaved_throughput(measured, ctx.device, cfg.throughput_batch, arch["input_size"], amp=ctx.amp,
-                                           rounds=10, warmup=3, compile=cfg.compile, cuda_graph=cfg.cuda_graph)
-    speed = speeds[0]
-    result = {"model": arch["model"], "compressed": bool(arch.get("prune_spec")), "gmacs": macs["macs"] / 1e9,
-              "params": macs["params"], "images_per_s": speed["images_per_s"], "batch1_ms": speed["batch1_ms"],
-              "batch": cfg.throughput_batch, "device": str(ctx.device), "dtype": speed["dtype"],
-              "runtime": speed["runtime"], "amp": bool(ctx.amp), "compiled": bool(cfg.compile)}
-    logger.info(f"{arch['model']}: {result['gmacs']:.4g} GMACs, {macs['params'] / 1e6:.2f} M params, "
-                f"{speed['images_per_s']:.1f} images/s at batch {cfg.throughput_batch}, {speed['batch1_ms']:.3g} ms at "
-                f"batch 1 on {ctx.device} ({speed['dtype']}, {speed['runtime']})")
-    if cfg.throughput_baseline:
-        base = speeds[1]
-        result.update(baseline={"file": cfg.throughput_baseline, "model": base_arch["model"],
-                                "gmacs": base_macs["macs"] / 1e9, "params": base_macs["params"],
-                                "images_per_s": base["images_per_s"], "batch1_ms": base["batch1_ms"]},
-                      speedup=base["batch_ms"] / speed["batch_ms"],
-                      speedup_batch1=base["batch1_ms"] / speed["batch1_ms"],
-                      macs_ratio=base_macs["macs"] / macs["macs"])
-        logger.info(f"speed-up over {cfg.throughput_baseline} ({result['baseline']['gmacs']:.4g} GMACs), measured "
-                    f"in this run: {result['speedup']:.2f}x at batch {cfg.throughput_batch}, "
-                    f"{result['speedup_batch1']:.2f}x at batch 1; GMACs ratio {result['macs_ratio']:.2f}x")
+    baseline, base_arch = (load_baseline(cfg.throughput_baseline, arch["input_size"], ctx.device)
+                           if cfg.throughput_baseline else (None, None))
+    logger.info(f"measuring {arch['model']}" + (f" against {cfg.throughput_baseline}" if baseline else ""))
+    result = {"model": arch["model"], "compressed": bool(arch.get("prune_spec")), **engine.speed_report(
+        model.to(ctx.device), ctx.device, cfg.throughput_batch, arch["input_size"], baseline=baseline, amp=ctx.amp,
+        compile=cfg.compile, cuda_graph=cfg.cuda_graph)}
+    if baseline is not None:
+        result["baseline"].update(file=cfg.throughput_baseline, model=base_arch["model"])
     if ctx.rank == 0:
         print(json.dumps(result))
     return result
