@@ -149,7 +149,6 @@ def run_throughput(ctx):
     model, arch, _ = load_model(ctx, None if cfg.resume else datasets.num_classes_of(cfg.data_set))
     baseline, base_arch = (load_baseline(cfg.throughput_baseline, arch["input_size"], ctx.device)
                            if cfg.throughput_baseline else (None, None))
-    logger.info(f"measuring {arch['model']}" + (f" against {cfg.throughput_baseline}" if baseline else ""))
     result = {"model": arch["model"], "compressed": bool(arch.get("prune_spec")), **engine.speed_report(
         model.to(ctx.device), ctx.device, cfg.throughput_batch, arch["input_size"], baseline=baseline, amp=ctx.amp,
         compile=cfg.compile, cuda_graph=cfg.cuda_graph)}
