@@ -278,6 +278,7 @@ def _write_metadata(model, path, arch, fmt, io_names, check, atol, sample_kind, 
         "preprocess": f"resize the shorter side to {int(size / crop_ratio)} px ({interpolation}), "
                       f"center-crop {height}x{width}, scale to [0, 1], normalise with mean and std",
         "num_classes": int(model.num_classes),
+        **({"labels": list(arch["labels"])} if arch.get("labels") else {}),  # a Hugging Face model's id2label
         "gmacs": gmacs,
         "params": int(params),
         "prune_spec": getattr(model, "prune_spec", None) or arch.get("prune_spec"),

@@ -594,7 +594,7 @@ def settle(args):
     recipe = data_set_defaults(cfg.data_set)
     if cfg.output_dir and os.path.exists(cfg.output_dir) and not os.path.isdir(cfg.output_dir):
         raise utils.UserError(f"--output_dir {cfg.output_dir} is a file, not a folder")
-    cfg.resume, ckpt = resume_path(cfg), None
+    cfg.resume, ckpt, info = resume_path(cfg), None, {}
     if cfg.resume:
         ckpt = models.read_model_file(cfg.resume)
         info = models.inspect_checkpoint(ckpt, cfg.resume)
@@ -633,7 +633,8 @@ def settle(args):
     if args.num_workers is None:  # DeiT's 10 loader workers, but never more than this machine's CPUs
         cfg.num_workers = min(cfg.num_workers, os.cpu_count() or 1)
     cfg.device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    cfg.round_to = cfg.round_to or round_to_default(cfg)
+    sizes = (info.get("arch") or {}).get("model_kwargs") if info.get("model") == cfg.model else None
+    cfg.round_to = cfg.round_to or round_to_default(cfg, sizes)
     cfg.pin_mem = cfg.device.startswith("cuda") if cfg.pin_mem is None else cfg.pin_mem
     cfg.search_holdout = datasets.parse_holdout(cfg.search_holdout)
     check_config(cfg)
@@ -641,13 +642,14 @@ def settle(args):
     return cfg, ckpt
 
 
-def round_to_default(cfg):
-    """--round-to left out: 64 on CUDA (GPU matrix units like such widths), unless the model is a small
-    preset whose MLPs are narrower than 8 x 64; otherwise 8 (fast on CPUs), 1 with --flops-convention
-    original (the original's exact widths)."""
+def round_to_default(cfg, sizes=None):
+    """--round-to left out: 64 on CUDA (GPU matrix units like such widths), unless the model's MLPs
+    are narrower than 8 x 64 (a small preset, or ``sizes``, the model file's own keywords: a
+    converted Hugging Face model's); otherwise 8 (fast on CPUs), 1 with --flops-convention original
+    (the original's exact widths)."""
     import models
-    preset = models.PRESETS.get(cfg.model)
-    small = preset is not None and preset["embed_dim"] * preset.get("mlp_ratio", 4.0) < 8 * 64
+    sizes = models.PRESETS.get(cfg.model) or sizes or {}
+    small = "embed_dim" in sizes and sizes["embed_dim"] * sizes.get("mlp_ratio", 4.0) < 8 * 64
     if cfg.device.startswith("cuda") and not small:
         return 64
     return 1 if cfg.flops_convention == "original" else 8

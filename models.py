@@ -431,13 +431,19 @@ def read_model_file(path):
     return load_checkpoint_file(path)
 
 
+# Hugging Face's hidden_act -> timm's act_layer (None: timm ViT's own exact GELU); gelu_new and
+# gelu_pytorch_tanh are both the tanh approximation, quick_gelu is x * sigmoid(1.702 x) in both
+HF_ACTIVATIONS = {"gelu": None, "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "quick_gelu": "quick_gelu"}
+
+
 def read_hf_folder(path):
     """A Hugging Face model folder as a model file of this tool: {"arch", "model" (a timm state
     dict), "format"}. The arch is CUSTOM_MODEL with the config's sizes (hidden_size, num_hidden_layers,
     num_attention_heads, intermediate_size, image_size, patch_size, num_channels, qkv_bias,
-    layer_norm_eps), mean and std from preprocessor_config.json (else 0.5, as ViTImageProcessor) and
-    the config's id2label as ``labels``. The config's dropout rates are training settings and are not
-    carried over (finetuning uses --drop / --drop-path). Raises CheckpointError in one line for a
+    layer_norm_eps, hidden_act as HF_ACTIVATIONS maps it), mean and std from
+    preprocessor_config.json (else 0.5, as ViTImageProcessor) and the config's id2label as
+    ``labels``. The config's dropout rates are training settings and are not carried over
+    (finetuning uses --drop / --drop-path). Raises CheckpointError in one line for a
     folder of another kind, a class not in HF_CLASSES, or an option the conversion does not reproduce."""
     config_file = os.path.join(path, "config.json")
     if not os.path.isfile(config_file):
@@ -457,9 +463,11 @@ def read_hf_folder(path):
         raise CheckpointError(f"{config_file} says model_type {config.get('model_type')!r} for a {kind}; "
                               f"expected {root!r}")
     c = {key: config.get(key, default) for key, default in HF_CONFIG_DEFAULTS.items()}
-    if c["hidden_act"] != "gelu":
+    if c["hidden_act"] not in HF_ACTIVATIONS:
         raise CheckpointError(f"{config_file}: hidden_act {c['hidden_act']!r} is not reproduced by the conversion "
-                              f"(only 'gelu', the exact GELU of timm's ViT)")
+                              f"(only {', '.join(map(repr, HF_ACTIVATIONS))})")
+    if HF_ACTIVATIONS[c["hidden_act"]]:
+        extra = dict(extra, act_layer=HF_ACTIVATIONS[c["hidden_act"]])
     sizes = {key: _hf_size(config_file, key, c[key]) for key in
              ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "image_size",
               "patch_size", "num_channels")}

@@ -69,3 +69,16 @@ def test_load_warns_once_on_cuda_only(monkeypatch):
     assert said == []
     main.warn_misaligned(model, torch.device("cuda"))
     assert len(said) == 1 and "block 0 173" in said[0] and "block 11 173" in said[0]
+
+
+@pytest.mark.parametrize("mlp_ratio, round_to", [(2.0, 8), (12.0, 64)])
+def test_a_converted_models_own_widths_decide_its_cuda_default(monkeypatch, tmp_path, mlp_ratio, round_to):
+    """A model file of the architecture it defines (vit_custom: a converted Hugging Face model) is
+    small or not by its own MLP width: 96 stays at 8 on CUDA, 576 goes to 64."""
+    kwargs = dict(patch_size=8, embed_dim=48, depth=1, num_heads=3, mlp_ratio=mlp_ratio)
+    model = models.build_model(models.CUSTOM_MODEL, num_classes=10, img_size=32, **kwargs)
+    path = str(tmp_path / "custom.pth")
+    models.save_model_file(path, model, models.model_arch(models.CUSTOM_MODEL, model, 32, (0.5,) * 3, (0.5,) * 3,
+                                                          model_kwargs=kwargs))
+    assert settled(monkeypatch, ["--resume", path, "--device", "cuda", "--eval"])[1].round_to == round_to
+    assert settled(monkeypatch, ["--resume", path, "--device", "cpu", "--eval"], cuda=False)[1].round_to == 8

@@ -57,7 +57,10 @@ CASES = {  # kind, config, what the folder holds beside config.json and the weig
             "preprocessor"),
     "deit": ("DeiTForImageClassification", dict(num_hidden_layers=3), None),
     "deit_with_teacher": ("DeiTForImageClassificationWithTeacher", dict(num_channels=1), None),
+    "vit_gelu_new": ("ViTForImageClassification", dict(hidden_act="gelu_new"), None),  # tanh GELU
+    "deit_quick_gelu": ("DeiTForImageClassification", dict(hidden_act="quick_gelu"), None),
 }
+TIMM_ACTS = {"gelu": "GELU", "gelu_new": "GELUTanh", "quick_gelu": "QuickGELU"}
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -81,6 +84,7 @@ def test_hugging_face_folder_gives_transformers_logits_and_reloads_as_a_model_fi
     assert [blk.mlp.fc1.out_features for blk in model.blocks] == [config.get("intermediate_size", 96)] * kwargs["depth"]
     assert model.blocks[0].norm1.eps == config.get("layer_norm_eps", 1e-12)
     assert (model.blocks[0].attn.qkv.bias is not None) == config.get("qkv_bias", True)
+    assert type(model.blocks[0].mlp.act).__name__ == TIMM_ACTS[config.get("hidden_act", "gelu")]
     if kind == "DeiTForImageClassificationWithTeacher":
         assert hasattr(model, "head_dist") and model.num_prefix_tokens == 2
     elif kind == "DeiTForImageClassification":
@@ -205,6 +209,9 @@ def test_seed_commands_start_from_a_hugging_face_folder(tmp_path):
     small, arch, _ = models.load(str(out / "prune_finetune" / "compressed.pth"))
     assert arch["prune_spec"] and arch["labels"] == DIGIT_NAMES and arch["model_kwargs"]["reg_tokens"] == 1
     assert small(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    code, _, err = run_cli(["--export", out / "small.onnx", "--resume", out / "prune_finetune" / "compressed.pth"])
+    assert code == 0, err
+    assert json.load(open(out / "small.json"))["labels"] == DIGIT_NAMES  # beside the file, for who deploys it
     code, _, err = run_cli(bare + ["--finetune", folder, "--epochs", "1", "--max-steps", "1",
                                    "--output_dir", tmp_path / "train"])
     assert code == 0, err
