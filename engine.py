@@ -4,7 +4,8 @@
 - training: train_one_epoch, fit (an explicit Recipe, checkpoints, resume), DistillationLoss;
 - evaluation: prediction_sums (the one evaluation loop), evaluate, and the search objectives
   (reference_outputs, objective_stats, objective_value, policy_scorer);
-- speed: throughput, interleaved_throughput, compare_models (the dense-vs-compressed table);
+- speed: throughput, interleaved_throughput, speed_report (--throughput's figures), compare_models
+  (the dense-vs-compressed table);
 - the steps: SearchSettings, search_policy and prune_finetune, resumable in a run folder.
 """
 import contextlib
