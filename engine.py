@@ -933,7 +933,8 @@ def search_policy(dense, loader, *, rankings, sampler, settings, val_loader=None
                                      device, settings.round_to, settings.rounding)
         speed.update(target_ms=sampler.target, latency_table=latency.table_identity(latency_table),
                      latency_table_file=latency_table.get("file"))
-    result = {"policy": best["policy"], "vector": best["x"], "target_gmacs": None if speed else sampler.target,
+    result = {"policy": best["policy"], "vector": best["x"], "input_size": pruning.model_dims(dense)["img_size"],
+              "target_gmacs": None if speed else sampler.target,
               "gmacs": best["gmacs"], **speed,
               "dense_gmacs": flops.model_macs(dense, convention=settings.flops_convention)["macs"] / 1e9,
               "params": best["params"], "search_acc1": best["acc1"],

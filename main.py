@@ -307,8 +307,8 @@ def run_search(ctx):
         dense, datasets.split_loader(split, ctx.data, ctx.distributed),
         rankings=lambda: rank_dense(ctx, dense, train_plain), sampler=sampler, settings=settings,
         val_loader=datasets.build_loaders(ctx.data, ctx.distributed, train=False)["val"],
-        identity={"criterion": criterion_settings(cfg), "model": arch["model"], "input_size": arch["input_size"],
-                  "dense_weights": weights, "split": split_desc},
+        identity={"criterion": criterion_settings(cfg), "dense": arch["model"], "dense_weights": weights,
+                  "split": split_desc},
         latency_table=table, run_dir=out, device=ctx.device, amp=ctx.amp, distributed=ctx.distributed,
         rank=ctx.rank)["result"]
 

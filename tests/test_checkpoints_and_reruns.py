@@ -54,7 +54,7 @@ def test_model_trained_at_48px_evaluates_searches_and_prunes_without_repeating_f
                                    "--output_dir", tmp_path / "s"] + SEARCH)
     assert code == 0, err
     best = json.load(open(tmp_path / "s" / "search" / "best_policy.json"))
-    assert best["input_size"] == 48 and best["model"] == "vit_pico_patch8_32"
+    assert best["input_size"] == [48, 48] and best["dense"] == "vit_pico_patch8_32"
     code, _, err = run_cli(bare + ["--prune_finetune", "--resume", ckpt, "--head_sparsity", "0.25",
                                    "--finetune-epochs", "0", "--output_dir", tmp_path / "p"])
     assert code == 0, err

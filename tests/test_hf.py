@@ -202,7 +202,7 @@ def test_seed_commands_start_from_a_hugging_face_folder(tmp_path):
                                    "0.3", "--search_epoch", "1", "--search_population", "2",
                                    "--criterion-batches", "1"])
     assert code == 0, err
-    assert json.load(open(out / "search" / "best_policy.json"))["model"] == models.CUSTOM_MODEL
+    assert json.load(open(out / "search" / "best_policy.json"))["dense"] == models.CUSTOM_MODEL
     code, _, err = run_cli(bare + ["--resume", folder, "--output_dir", out, "--prune_finetune",
                                    "--finetune-epochs", "1", "--max-steps", "1"])
     assert code == 0, err
