@@ -14,6 +14,7 @@ from timm.models.eva import Eva, EvaAttention
 from torch.utils.flop_counter import FlopCounterMode
 
 import dependency_criterion as dc
+import engine
 import export
 import flops
 import latency
@@ -338,7 +339,7 @@ def test_eva_latency_table_and_torchscript_export_are_refused(tmp_path):
 # ------------------------------------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_compressed_eva_exports_to_onnx_verified(tmp_path):
+def test_compressed_eva_exports_to_onnx_and_pt2_verified(tmp_path):
     pytest.importorskip("onnxruntime")
     dense = models.build_model("eva02_base_patch14_224", num_classes=10, img_size=28, depth=1, embed_dim=64,
                                num_heads=4).eval()
@@ -346,9 +347,14 @@ def test_compressed_eva_exports_to_onnx_verified(tmp_path):
     spec["heads"], spec["neurons"] = [[0, 3]], [list(range(0, 170, 3))]
     sliced = pruning.apply_spec(dense, spec)
     arch = models.model_arch("eva02_base_patch14_224", sliced, 28, (0.5,) * 3, (0.5,) * 3)
-    meta = export.export_onnx(sliced, tmp_path / "eva.onnx", arch)
-    assert meta["verification"]["max_abs_diff"] < 1e-4 and meta["verification"]["batch_sizes"] == [5, 1]
-    assert meta["gmacs"] == flops.model_macs(sliced)["macs"] / 1e9
+    for suffix in (".onnx", ".pt2"):  # ONNX Runtime, and torch.export's program reloaded with torch.export.load
+        meta = export.export_model(sliced, tmp_path / f"eva{suffix}", arch)
+        assert meta["verification"]["max_abs_diff"] < 1e-4 and meta["verification"]["batch_sizes"] == [5, 1]
+        assert meta["gmacs"] == flops.model_macs(sliced)["macs"] / 1e9
+    # --throughput's figures measure it like any other model
+    speed = engine.speed_report(sliced, torch.device("cpu"), 2, 28)
+    assert speed["images_per_s"] > 0 and speed["batch1_ms"] > 0
+    assert speed["params"] == flops.model_macs(sliced)["params"]
 
 
 @pytest.mark.slow
