@@ -1008,6 +1008,10 @@ def prune_finetune(dense, data, *, dense_arch, policy, rankings, recipe, setting
         return found
     if found:
         state = load_checkpoint_file(ckpt_path)
+        trained, asked = int(state["epoch"]) + 1, recipe.epochs + recipe.cooldown_epochs
+        if trained > asked:  # its result would claim fewer epochs than the model has had
+            raise UserError(f"{run_dir} has finetuned {trained} epochs, more than the {asked} asked for; ask for "
+                            f"{trained} or more (--finetune-epochs), or delete {run_dir} to finetune anew")
         model, arch, _ = load(ckpt_path, ckpt=state)
         logger.info(f"prune+finetune: continuing the compressed model in {ckpt_path}")
     else:

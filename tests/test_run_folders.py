@@ -212,6 +212,10 @@ def test_prune_finetune_folder_continues_and_refuses_another_policy(setup, tmp_p
     )
     assert calls == [1] and longer["acc1_before_finetune"] == res["acc1_before_finetune"]
     assert [r["epoch"] for r in utils.read_jsonl(os.path.join(run_dir, "log.jsonl"))] == [0, 1]
+    # fewer epochs than the model has had would give a result.json that understates its training
+    with pytest.raises(utils.UserError, match="has finetuned 2 epochs, more than the 1 asked for"):
+        engine.prune_finetune(model, setup["data"], dense_arch=setup["arch"], policy=policy, rankings=setup["rankings"],
+                              recipe=recipe, device=CPU, run_dir=run_dir, identity=identity)
 
     other = pruning.uniform_policy(pruning.model_dims(model)["depth"], 0.25, 0.5, 0.0)
     with pytest.raises(utils.UserError, match="another prune\\+finetune run"):
