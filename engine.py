@@ -673,8 +673,6 @@ def compare_models(files, rows, device, batch_size, input_size, amp=False):
             "runtime": base["runtime"], "markdown": text}
 
 
-
-
 def _fingerprint(images):
     """One number per image (its pixel sum in float64): tells a batch from a reshuffled or
     re-augmented one."""
