@@ -290,18 +290,6 @@ def test_compile_needs_a_cpp_compiler(monkeypatch):
         engine.compile_model(tiny_vit(), torch.device("cpu"))
 
 
-@pytest.mark.slow
-def test_compiled_compressed_model_equals_eager():
-    """Inductor on CPU compiles the token-reducing blocks in one graph (fullgraph: no graph break)
-    and gives eager's logits (test_export_and_compiled_throughput_through_the_cli measures a
-    compiled model's throughput)."""
-    model = compress(tiny_vit(distilled=True), head=0.25, neuron=0.3, token=0.3, fuse="weighted")
-    assert model_dims(model)["token_reduction"]
-    x = images(4)
-    compiled = engine.compile_model(model, torch.device("cpu"), fullgraph=True)
-    with torch.inference_mode():
-        got, ref = compiled(x), model(x)
-    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
 
 
 def test_documented_preprocess_equals_the_evaluation_transform():
@@ -345,7 +333,8 @@ def test_export_and_compiled_throughput_through_the_cli(tmp_path):
     assert line["sample"] == "given images" and line["max_abs_diff"] <= 1e-4 and line["top1_agreement"] == 1.0
     meta = json.loads((tmp_path / "m.json").read_text())
     assert meta["prune_spec"]["tokens"] is not None and meta["input_size"] == [3, 32, 32]
-    code, out, err = run_cli(["--throughput", "--compile", "--throughput-batch", "4", "--resume", compressed])
+    # batch 1 only: one shape, one inductor compile (a second batch size would compile again)
+    code, out, err = run_cli(["--throughput", "--compile", "--throughput-batch", "1", "--resume", compressed])
     assert code == 0, err
     measured = json.loads(out.strip().splitlines()[-1])
     assert measured["compiled"] is True and measured["images_per_s"] > 0
