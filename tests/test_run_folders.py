@@ -164,17 +164,13 @@ def test_prune_finetune_folder_continues_and_refuses_another_policy(setup, tmp_p
     policy = pruning.uniform_policy(pruning.model_dims(model)["depth"], 0.25, 0.25, 0.0)
     recipe = engine.Recipe(epochs=1, lr=1e-3, max_steps=3, distillation="soft")
     identity, calls = {"policy": policy}, []
-    res = engine.prune_finetune(
-        model,
-        setup["data"],
-        dense_arch=setup["arch"],
-        policy=policy,
-        rankings=counted_rankings(setup["rankings"], calls),
-        recipe=recipe,
-        device=CPU,
-        run_dir=run_dir,
-        identity=identity,
-    )
+
+    def run(**kw):  # this run's folder and policy; the rankings count the times they are computed
+        return engine.prune_finetune(model, setup["data"], dense_arch=setup["arch"], policy=policy,
+                                     rankings=counted_rankings(setup["rankings"], calls), device=CPU,
+                                     run_dir=run_dir, identity=identity, **{"recipe": recipe, **kw})
+
+    res = run()
     assert calls == [1]
     assert json.load(open(os.path.join(run_dir, "result.json")))["policy"] == policy
     small, arch, _ = models.load(res["file"])
@@ -185,37 +181,17 @@ def test_prune_finetune_folder_continues_and_refuses_another_policy(setup, tmp_p
     # the finished run again returns its result (no ranking, no training) and touches no file
     names = sorted(os.listdir(run_dir))
     stamps = [os.stat(os.path.join(run_dir, n)).st_mtime_ns for n in names]
-    again = engine.prune_finetune(
-        model,
-        setup["data"],
-        dense_arch=setup["arch"],
-        policy=policy,
-        rankings=counted_rankings(setup["rankings"], calls),
-        recipe=recipe,
-        device=CPU,
-        run_dir=run_dir,
-        identity=identity,
-    )
+    again = run()
     assert calls == [1] and again == json.load(open(os.path.join(run_dir, "result.json")))
     assert [os.stat(os.path.join(run_dir, n)).st_mtime_ns for n in names] == stamps
     # one more epoch continues the checkpoint (no ranking) and reports the same pre-finetune top-1
-    longer = engine.prune_finetune(
-        model,
-        setup["data"],
-        dense_arch=setup["arch"],
-        policy=policy,
-        rankings=counted_rankings(setup["rankings"], calls),
-        recipe=dataclasses.replace(recipe, epochs=2),
-        device=CPU,
-        run_dir=run_dir,
-        identity=identity,
-    )
+    longer = run(recipe=dataclasses.replace(recipe, epochs=2))
     assert calls == [1] and longer["acc1_before_finetune"] == res["acc1_before_finetune"]
     assert [r["epoch"] for r in utils.read_jsonl(os.path.join(run_dir, "log.jsonl"))] == [0, 1]
     # fewer epochs than the model has had would give a result.json that understates its training
     with pytest.raises(utils.UserError, match="has finetuned 2 epochs, more than the 1 asked for"):
-        engine.prune_finetune(model, setup["data"], dense_arch=setup["arch"], policy=policy, rankings=setup["rankings"],
-                              recipe=recipe, device=CPU, run_dir=run_dir, identity=identity)
+        run()
+    assert calls == [1]
 
     other = pruning.uniform_policy(pruning.model_dims(model)["depth"], 0.25, 0.5, 0.0)
     with pytest.raises(utils.UserError, match="another prune\\+finetune run"):
