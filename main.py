@@ -261,10 +261,11 @@ def table_setting(ctx):
 
 
 def latency_table(ctx, dense):
-    """(table, path) of a latency budget: --latency-table FILE (loaded, or measured and written there
-    when it does not exist), else output_dir/latency/<what it is measured on>.json, reused when it
-    was measured on this same setting. Measured on this run's device at --latency-batch (default
-    --batch-size) in the dtype this run infers in; rank 0 measures, every rank gets the same table."""
+    """The latency table of a latency budget (its ``file`` noted in it): --latency-table FILE
+    (loaded, or measured and written there when it does not exist), else
+    output_dir/latency/<what it is measured on>.json, reused when it was measured on this same
+    setting. Measured on this run's device at --latency-batch (default --batch-size) in the dtype
+    this run infers in; rank 0 measures, every rank gets the same table."""
     import latency
     import utils
     cfg = ctx.cfg
@@ -277,7 +278,7 @@ def latency_table(ctx, dense):
     if table["key"]["device"] != ctx.device.type:
         logger.warning(f"the latency table was measured on {table['key']['device']} and this run is on {ctx.device}: "
                        f"the budget holds on the table's device and the result's speed is not measured here")
-    return table, path
+    return table
 
 
 def run_search(ctx):
@@ -292,7 +293,7 @@ def run_search(ctx):
     dense_gmacs = flops.model_macs(dense, convention=cfg.flops_convention)["macs"] / 1e9
     settings = engine.SearchSettings.take(cfg, active=active_dims(cfg, dense))
     dims = pruning.model_dims(dense)
-    table = latency_table(ctx, dense)[0] if settings.latency_budget else None
+    table = latency_table(ctx, dense) if settings.latency_budget else None
     dense_cost = float(settings.cost(dims, table)(np.zeros((1, 2 * dims["depth"] + 1)))[0])
     sampler = settings.space(dims, settings.target(dense_gmacs, dense_cost), table)
     split, split_desc = datasets.search_split(train_plain, datasets.build_dataset(False, ctx.data)[0],
@@ -319,7 +320,7 @@ def searched_table(ctx, dense, source):
     import latency
     import pruning
     if ctx.cfg.latency_table:
-        return latency_table(ctx, dense)[0]
+        return latency_table(ctx, dense)
     found = json.load(open(source)).get("latency_table_file") if os.path.isfile(source) else None
     if not found:
         return None
